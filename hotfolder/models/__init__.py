@@ -1,0 +1,68 @@
+"""Matting architectures by name, and loading their weights from safetensors (never pickles)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from safetensors.torch import load_file
+from torch import nn
+
+from hotfolder.models.u2net import U2NET_WIDTHS, U2NETP_WIDTHS, U2Net
+
+ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
+    "u2netp": lambda: U2Net(U2NETP_WIDTHS),
+    "u2net": lambda: U2Net(U2NET_WIDTHS),
+}
+
+# Every registered architecture takes RGB at this size (rembg's U²-Net input).
+INPUT_SIZE = 320
+
+
+class WeightsError(Exception):
+    """The weights file is missing, unreadable or does not fit the architecture."""
+
+
+def build(arch: str) -> nn.Module:
+    try:
+        factory = ARCHITECTURES[arch]
+    except KeyError:
+        known = ", ".join(sorted(ARCHITECTURES))
+        raise WeightsError(f"unknown model {arch!r}; known models: {known}") from None
+    return factory()
+
+
+def load(arch: str, weights: Path) -> nn.Module:
+    """The architecture with its trained weights, in eval mode, on the CPU."""
+    model = build(arch)
+    if not weights.is_file():
+        raise WeightsError(f"{weights}: weights file not found")
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # safetensors raises several types for a damaged file
+        raise WeightsError(f"{weights}: not a readable safetensors file ({exc})") from exc
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise WeightsError(f"{weights}: does not fit model {arch!r}: {exc}") from exc
+    return model.eval().requires_grad_(False)
+
+
+def conv_layers(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
+    """Named convolutions in the order the forward pass runs them (modules are registered so)."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = [
+    "ARCHITECTURES",
+    "INPUT_SIZE",
+    "WeightsError",
+    "build",
+    "conv_layers",
+    "load",
+    "parameter_count",
+]
