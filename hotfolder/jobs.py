@@ -1,0 +1,28 @@
+"""Values passed between stages, and the errors that send a file to errors/."""
+
+from __future__ import annotations
+
+import enum
+
+
+class Reason(enum.StrEnum):
+    """Why a file could not be processed: a fixed list, used in error sidecars and metrics."""
+
+    EMPTY = "empty"
+    NOT_A_FILE = "not_a_file"
+    TOO_LARGE = "too_large"
+    TOO_MANY_PIXELS = "too_many_pixels"
+    UNSUPPORTED = "unsupported_format"
+    CORRUPT = "corrupt"
+    OUTPUT_EXISTS = "output_exists"
+    INFERENCE = "inference_failed"
+    ENCODE = "encode_failed"
+
+
+class ImageError(Exception):
+    """A file that cannot become outputs. The message completes "<file> ...", e.g. "is empty"."""
+
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
