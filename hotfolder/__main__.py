@@ -1,0 +1,5 @@
+import sys
+
+from hotfolder.cli import main
+
+sys.exit(main())

@@ -1,0 +1,206 @@
+"""The ``hotfolder`` command: subcommands, logging set-up and exit codes.
+
+Exit codes: 0 success; 1 some files failed (``matte``) or the check found a problem;
+2 unusable command line or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hotfolder import __version__, config, recipes
+
+if TYPE_CHECKING:
+    from hotfolder.engine import MattingEngine
+
+log = logging.getLogger("hotfolder")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """A problem with the command line or configuration (exit code 2)."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.quiet, args.verbose)
+    try:
+        return int(args.handler(args))
+    except (UsageError, config.ConfigError, recipes.RecipeError) as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hotfolder", description="Remove photo backgrounds in GPU batches."
+    )
+    parser.add_argument("--version", action="version", version=f"hotfolder {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    matte = commands.add_parser("matte", help="remove backgrounds from files or folders once")
+    add_config_option(matte)
+    matte.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="files or folders")
+    matte.add_argument(
+        "-o",
+        "--outdir",
+        type=Path,
+        default=Path("matted"),
+        help="output folder; input subfolders are mirrored (default: ./matted)",
+    )
+    matte.add_argument(
+        "--kind",
+        action="append",
+        choices=[k.value for k in recipes.Kind],
+        help="what to write; repeat for several (default: cutout)",
+    )
+    matte.add_argument(
+        "--background",
+        default="#ffffff",
+        help="composite colour: #rrggbb, #rgb, r,g,b or a name (default: white)",
+    )
+    matte.set_defaults(handler=run_matte)
+
+    check = commands.add_parser("check", help="validate the config, weights and device")
+    add_config_option(check)
+    check.set_defaults(handler=run_check)
+
+    weights = commands.add_parser("weights", help="manage model weights")
+    weights_commands = weights.add_subparsers(dest="weights_command", required=True)
+    importer = weights_commands.add_parser("import", help="convert a rembg U²-Net ONNX model")
+    importer.add_argument("onnx", type=Path, metavar="MODEL.onnx")
+    importer.add_argument("--arch", required=True, help="architecture: u2netp or u2net")
+    importer.add_argument("-o", "--output", type=Path, required=True, metavar="FILE.safetensors")
+    importer.set_defaults(handler=run_weights_import)
+
+    evaluate = commands.add_parser("eval", help="measure matte quality on a pairs.csv dataset")
+    add_config_option(evaluate)
+    evaluate.add_argument("datasets", nargs="+", type=Path, metavar="DATASET_DIR")
+    evaluate.add_argument(
+        "--flip-average", action="store_true", help="average each prediction with its mirror image"
+    )
+    evaluate.add_argument("--json", type=Path, help="also write the scores to this file")
+    evaluate.set_defaults(handler=run_eval)
+    return parser
+
+
+def add_config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        help=f"config file (default: ${config.CONFIG_ENV}, else ./config.yaml)",
+    )
+
+
+def setup_logging(quiet: bool, verbose: bool) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+def load_config(explicit: Path | None) -> config.Config:
+    """The config file if there is one; defaults (relative to the working folder) when
+    ./config.yaml is simply absent and none was asked for."""
+    path = config.find_config(explicit)
+    if path == config.DEFAULT_CONFIG and not path.exists():
+        return config.parse({}, base=Path.cwd())
+    return config.load(path)
+
+
+def make_engine(cfg: config.Config, flip_average: bool | None = None) -> MattingEngine:
+    from hotfolder.engine import EngineError, MattingEngine
+
+    model = cfg.model
+    try:
+        engine = MattingEngine(
+            model.name,
+            model.weights,
+            model.device,
+            model.precision,
+            model.flip_average if flip_average is None else flip_average,
+        )
+        engine.setup()
+    except EngineError as exc:
+        raise UsageError(str(exc)) from None
+    return engine
+
+
+def run_matte(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from hotfolder import matte
+
+    cfg = load_config(args.config)
+    background = recipes.parse_colour(args.background)
+    kinds = args.kind or [recipes.Kind.CUTOUT.value]
+    outputs = tuple(
+        recipes.Output(recipes.Kind(k), background=background) for k in dict.fromkeys(kinds)
+    )
+    summary = matte.Summary()
+    tasks = matte.plan(args.inputs, args.outdir, outputs, summary)
+    engine = make_engine(cfg)
+    bar = tqdm(total=len(tasks), unit="img", disable=not sys.stderr.isatty())
+    with bar, logging_redirect_tqdm():
+        matte.run(engine, tasks, cfg.batching.max_batch_size, cfg.limits, summary, bar.update)
+    log.info("%d written to %s, %d failed", summary.written, args.outdir, len(summary.failed))
+    return EXIT_FAILED if summary.failed else EXIT_OK
+
+
+def run_check(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    engine = make_engine(cfg)
+    print(f"config: ok ({cfg.source or 'defaults'})")
+    print(f"model: {cfg.model.name} from {cfg.model.weights}")
+    print(f"device: {engine.device} ({engine.precision}), warm-up {engine.warmup_seconds:.2f} s")
+    return EXIT_OK
+
+
+def run_weights_import(args: argparse.Namespace) -> int:
+    from hotfolder.models import WeightsError
+    from hotfolder.models.onnx_import import import_onnx
+
+    if not args.onnx.is_file():
+        raise UsageError(f"{args.onnx}: no such file")
+    try:
+        metadata = import_onnx(args.onnx, args.arch, args.output)
+    except WeightsError as exc:
+        raise UsageError(str(exc)) from None
+    log.info(
+        "wrote %s (%s, from ONNX sha256 %s)", args.output, args.arch, metadata["source_sha256"]
+    )
+    return EXIT_OK
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from hotfolder import evaluate
+
+    cfg = load_config(args.config)
+    engine = make_engine(cfg, flip_average=args.flip_average or None)
+    results = {}
+    for dataset in args.datasets:
+        if not (dataset / "pairs.csv").is_file():
+            raise UsageError(f"{dataset}: no pairs.csv in this folder")
+        scores = evaluate.evaluate(engine, dataset, cfg.batching.max_batch_size)
+        results[str(dataset)] = scores
+        shown = "  ".join(
+            f"{k} {v:.4f}" if k != "pairs" else f"{v:.0f} pairs" for k, v in scores.items()
+        )
+        print(f"{dataset.name}: {shown}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return EXIT_OK

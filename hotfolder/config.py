@@ -1,0 +1,288 @@
+"""Typed, immutable configuration loaded from YAML and validated up front.
+
+Every problem is reported as one :class:`ConfigError` naming the key and the fix, before anything
+starts. Relative paths are taken relative to the folder of the config file, so the daemon behaves
+the same whatever its working directory.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from hotfolder import imaging, recipes
+
+CONFIG_ENV = "HOTFOLDER_CONFIG"
+DEFAULT_CONFIG = Path("config.yaml")
+ORIGINALS = ("move", "delete", "keep")
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key and how to fix it."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "u2netp"
+    weights: Path = Path("weights/u2netp.safetensors")
+    device: str = "auto"
+    precision: str = "auto"
+    flip_average: bool = False
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch_size: int = 16
+    max_wait_ms: int = 20
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_pixels: int = imaging.DEFAULT_MAX_PIXELS
+    max_bytes: int = imaging.DEFAULT_MAX_BYTES
+
+
+@dataclass(frozen=True)
+class InboxConfig:
+    name: str
+    path: Path
+    outbox: Path
+    done: Path | None
+    errors: Path
+    originals: str = "move"
+    recursive: bool = True
+    settle_ms: int = 1000
+    polling: bool = False
+    outputs: tuple[recipes.Output, ...] = (recipes.Output(kind=recipes.Kind.CUTOUT),)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = "127.0.0.1:9108"
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    inboxes: tuple[InboxConfig, ...] = ()
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    journal: Path | None = None
+    source: Path | None = None
+
+
+def find_config(explicit: Path | None) -> Path:
+    """``--config``, else ``$HOTFOLDER_CONFIG``, else ``./config.yaml``."""
+    if explicit is not None:
+        return explicit
+    from_env = os.environ.get(CONFIG_ENV)
+    return Path(from_env) if from_env else DEFAULT_CONFIG
+
+
+def load(path: Path) -> Config:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: config file not found (pass --config FILE or set ${CONFIG_ENV})"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    try:
+        return parse(raw if raw is not None else {}, base=path.resolve().parent, source=path)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def parse(raw: Any, base: Path, source: Path | None = None) -> Config:
+    top = _mapping(raw, "the top level")
+    _known(top, "", {"model", "batching", "limits", "inboxes", "metrics", "journal"})
+    inboxes = tuple(
+        _inbox(item, f"inboxes[{i}]", base) for i, item in enumerate(_list(top, "inboxes"))
+    )
+    _check_inboxes(inboxes)
+    journal = top.get("journal")
+    return Config(
+        model=_model(top.get("model", {}), base),
+        batching=_batching(top.get("batching", {})),
+        limits=_limits(top.get("limits", {})),
+        inboxes=inboxes,
+        metrics=MetricsConfig(
+            listen=_get(_section(top, "metrics"), "metrics.listen", str, MetricsConfig.listen)
+        ),
+        journal=None if journal is None else _path(journal, "journal", base),
+        source=source,
+    )
+
+
+def _model(raw: Any, base: Path) -> ModelConfig:
+    section = _mapping(raw, "model")
+    _known(section, "model", {"name", "weights", "device", "precision", "flip_average"})
+    defaults = ModelConfig()
+    name = _get(section, "model.name", str, defaults.name)
+    weights = section.get("weights", f"weights/{name}.safetensors")
+    precision = _get(section, "model.precision", str, defaults.precision)
+    if precision not in ("auto", "fp32", "fp16", "bf16"):
+        raise ConfigError(f"model.precision: {precision!r} is not one of auto, fp32, fp16, bf16")
+    return ModelConfig(
+        name=name,
+        weights=_path(weights, "model.weights", base),
+        device=_get(section, "model.device", str, defaults.device),
+        precision=precision,
+        flip_average=_get(section, "model.flip_average", bool, defaults.flip_average),
+    )
+
+
+def _batching(raw: Any) -> BatchingConfig:
+    section = _mapping(raw, "batching")
+    _known(section, "batching", {"max_batch_size", "max_wait_ms"})
+    defaults = BatchingConfig()
+    return BatchingConfig(
+        max_batch_size=_positive(section, "batching.max_batch_size", defaults.max_batch_size),
+        max_wait_ms=_non_negative(section, "batching.max_wait_ms", defaults.max_wait_ms),
+    )
+
+
+def _limits(raw: Any) -> LimitsConfig:
+    section = _mapping(raw, "limits")
+    _known(section, "limits", {"max_pixels", "max_bytes"})
+    defaults = LimitsConfig()
+    max_pixels = _positive(section, "limits.max_pixels", defaults.max_pixels)
+    if max_pixels > 1 << 30:  # OpenCV refuses larger images whatever we allow
+        raise ConfigError("limits.max_pixels: at most 1073741824 (1 GP) is supported")
+    return LimitsConfig(
+        max_pixels=max_pixels,
+        max_bytes=_positive(section, "limits.max_bytes", defaults.max_bytes),
+    )
+
+
+def _inbox(raw: Any, key: str, base: Path) -> InboxConfig:
+    section = _mapping(raw, key)
+    known = {"name", "path", "outbox", "done", "errors", "originals", "recursive"}
+    _known(section, key, known | {"settle_ms", "polling", "outputs"})
+    for required in ("name", "path", "outbox", "errors"):
+        if required not in section:
+            raise ConfigError(f"{key}.{required}: missing; every inbox needs one")
+    name = _get(section, f"{key}.name", str, "")
+    if not name or set(name) - set(string.ascii_letters + string.digits + "_-"):
+        raise ConfigError(f"{key}.name: {name!r} must be letters, digits, '-' or '_'")
+    originals = _get(section, f"{key}.originals", str, "move")
+    if originals not in ORIGINALS:
+        raise ConfigError(f"{key}.originals: {originals!r} is not one of {', '.join(ORIGINALS)}")
+    if originals == "move" and "done" not in section:
+        raise ConfigError(f"{key}.done: missing; set a done folder or originals: delete | keep")
+    try:
+        outputs = tuple(
+            recipes.parse_output(item, f"{key}.outputs[{i}]")
+            for i, item in enumerate(_list(section, "outputs", key))
+        )
+        recipes.check_unique_names(outputs, f"{key}.outputs")
+    except recipes.RecipeError as exc:
+        raise ConfigError(str(exc)) from None
+    return InboxConfig(
+        name=name,
+        path=_path(section["path"], f"{key}.path", base),
+        outbox=_path(section["outbox"], f"{key}.outbox", base),
+        done=_path(section["done"], f"{key}.done", base) if originals == "move" else None,
+        errors=_path(section["errors"], f"{key}.errors", base),
+        originals=originals,
+        recursive=_get(section, f"{key}.recursive", bool, True),
+        settle_ms=_non_negative(section, f"{key}.settle_ms", 1000),
+        polling=_get(section, f"{key}.polling", bool, False),
+        outputs=outputs or InboxConfig.outputs,
+    )
+
+
+def _check_inboxes(inboxes: tuple[InboxConfig, ...]) -> None:
+    names = [inbox.name for inbox in inboxes]
+    for inbox in inboxes:
+        if names.count(inbox.name) > 1:
+            raise ConfigError(f"inboxes: the name {inbox.name!r} is used twice; names are unique")
+        for label, folder in (
+            ("outbox", inbox.outbox),
+            ("done", inbox.done),
+            ("errors", inbox.errors),
+        ):
+            if folder is not None and (folder == inbox.path or inbox.path in folder.parents):
+                raise ConfigError(
+                    f"inboxes[{inbox.name}].{label}: {folder} is inside the inbox {inbox.path}; "
+                    "outputs would be picked up as new input. Put it beside the inbox."
+                )
+    paths = [inbox.path for inbox in inboxes]
+    for i, a in enumerate(paths):
+        for b in paths[i + 1 :]:
+            if a == b or a in b.parents or b in a.parents:
+                raise ConfigError(
+                    f"inboxes: {a} and {b} overlap; each folder may be watched by one inbox only"
+                )
+
+
+def _mapping(raw: Any, key: str) -> Mapping[str, Any]:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{key}: expected a mapping of keys, got {type(raw).__name__}")
+    return raw
+
+
+def _section(top: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    section = _mapping(top.get(key, {}), key)
+    _known(section, key, {"listen"})
+    return section
+
+
+def _list(section: Mapping[str, Any], key: str, parent: str = "") -> list[Any]:
+    value = section.get(key, [])
+    if not isinstance(value, list):
+        raise ConfigError(f"{_join(parent, key)}: expected a list, got {type(value).__name__}")
+    return value
+
+
+def _known(section: Mapping[str, Any], key: str, allowed: set[str]) -> None:
+    for name in section:
+        if name not in allowed:
+            known = ", ".join(sorted(allowed))
+            raise ConfigError(f"{_join(key, str(name))}: unknown key; known keys here: {known}")
+
+
+def _join(parent: str, key: str) -> str:
+    return f"{parent}.{key}" if parent else key
+
+
+def _get(section: Mapping[str, Any], key: str, kind: type[T], default: T) -> T:
+    value = section.get(key.rsplit(".", 1)[-1], default)
+    # bool is an int in Python; a count given as `true` is a mistake worth reporting.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _positive(section: Mapping[str, Any], key: str, default: int) -> int:
+    value = _get(section, key, int, default)
+    if value < 1:
+        raise ConfigError(f"{key}: must be at least 1, got {value}")
+    return value
+
+
+def _non_negative(section: Mapping[str, Any], key: str, default: int) -> int:
+    value = _get(section, key, int, default)
+    if value < 0:
+        raise ConfigError(f"{key}: must be 0 or more, got {value}")
+    return value
+
+
+def _path(value: Any, key: str, base: Path) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key}: expected a folder or file path, got {value!r}")
+    path = Path(os.path.expanduser(value))
+    return Path(os.path.normpath(path if path.is_absolute() else base / path))

@@ -1,0 +1,154 @@
+"""What to render for each output of a job (cutout, mask, composite), and what to call it."""
+
+from __future__ import annotations
+
+import enum
+import string
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from hotfolder import imaging
+
+
+class Kind(enum.StrEnum):
+    CUTOUT = "cutout"  # RGBA: the photo with the background transparent
+    MASK = "mask"  # 8-bit gray alpha matte
+    COMPOSITE = "composite"  # the subject flattened onto a solid colour
+
+
+FORMATS = {"png": ".png", "jpg": ".jpg"}
+DEFAULT_FORMAT = {Kind.CUTOUT: "png", Kind.MASK: "png", Kind.COMPOSITE: "jpg"}
+DEFAULT_NAME = {
+    Kind.CUTOUT: "{stem}.png",
+    Kind.MASK: "{stem}.mask.png",
+    Kind.COMPOSITE: "{stem}.jpg",
+}
+TEMPLATE_FIELDS = {"stem", "ext", "kind"}
+NAMED_COLOURS = {"white": (255, 255, 255), "black": (0, 0, 0), "grey": (128, 128, 128)}
+
+
+class RecipeError(ValueError):
+    """An output definition that cannot be rendered; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Output:
+    kind: Kind
+    format: str = ""
+    name: str = ""
+    background: tuple[int, int, int] = (255, 255, 255)
+    quality: int = 92  # JPEG
+    compression: int = 3  # PNG, 0–9: higher is smaller and slower
+
+    def __post_init__(self) -> None:
+        # Fill the per-kind defaults so every Output is complete once built.
+        if not self.format:
+            object.__setattr__(self, "format", DEFAULT_FORMAT[self.kind])
+        if not self.name:
+            default = DEFAULT_NAME[self.kind]
+            if self.format != DEFAULT_FORMAT[self.kind]:
+                default = default.rsplit(".", 1)[0] + FORMATS[self.format]
+            object.__setattr__(self, "name", default)
+
+    def filename(self, stem: str, ext: str) -> str:
+        return self.name.format(stem=stem, ext=ext.lstrip("."), kind=self.kind.value)
+
+
+def parse_colour(value: str) -> tuple[int, int, int]:
+    """``#rrggbb``, ``#rgb``, ``r,g,b`` or one of white, black, grey."""
+    text = value.strip().lower()
+    if text in NAMED_COLOURS:
+        return NAMED_COLOURS[text]
+    try:
+        if text.startswith("#") and len(text) in (4, 7):
+            digits = text[1:] if len(text) == 7 else "".join(c * 2 for c in text[1:])
+            rgb = tuple(int(digits[i : i + 2], 16) for i in (0, 2, 4))
+        else:
+            rgb = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        rgb = ()
+    if len(rgb) != 3 or not all(0 <= c <= 255 for c in rgb):
+        raise RecipeError(
+            f"{value!r} is not a colour; use #rrggbb, #rgb, r,g,b or white/black/grey"
+        )
+    return rgb[0], rgb[1], rgb[2]
+
+
+def parse_output(raw: Any, key: str) -> Output:
+    if not isinstance(raw, Mapping):
+        raise RecipeError(f"{key}: expected a mapping such as {{kind: cutout}}")
+    allowed = {"kind", "format", "name", "background", "quality", "compression"}
+    for name in raw:
+        if name not in allowed:
+            raise RecipeError(f"{key}.{name}: unknown key; known: {', '.join(sorted(allowed))}")
+    try:
+        kind = Kind(str(raw.get("kind")))
+    except ValueError:
+        kinds = ", ".join(k.value for k in Kind)
+        raise RecipeError(f"{key}.kind: {raw.get('kind')!r} is not one of {kinds}") from None
+    fmt = str(raw.get("format", DEFAULT_FORMAT[kind]))
+    if fmt not in FORMATS or (kind == Kind.CUTOUT and fmt != "png"):
+        allowed_formats = "png" if kind == Kind.CUTOUT else ", ".join(FORMATS)
+        raise RecipeError(f"{key}.format: {fmt!r} for {kind.value}; use {allowed_formats}")
+    name = str(raw.get("name", ""))
+    _check_template(name, key)
+    try:
+        background = parse_colour(str(raw.get("background", "#ffffff")))
+    except RecipeError as exc:
+        raise RecipeError(f"{key}.background: {exc}") from None
+    quality, compression = raw.get("quality", 92), raw.get("compression", 3)
+    if not isinstance(quality, int) or not 1 <= quality <= 100:
+        raise RecipeError(f"{key}.quality: JPEG quality is 1–100, got {quality!r}")
+    if not isinstance(compression, int) or not 0 <= compression <= 9:
+        raise RecipeError(f"{key}.compression: PNG compression is 0–9, got {compression!r}")
+    return Output(kind, fmt, name, background, quality, compression)
+
+
+def _check_template(name: str, key: str) -> None:
+    if not name:
+        return
+    fields = {f for _, f, _, _ in string.Formatter().parse(name) if f is not None}
+    if "stem" not in fields or fields - TEMPLATE_FIELDS or "/" in name or "\\" in name:
+        raise RecipeError(
+            f"{key}.name: {name!r} must contain {{stem}}, may use {{ext}} and {{kind}}, "
+            "and may not contain a folder separator"
+        )
+
+
+def check_unique_names(outputs: tuple[Output, ...], key: str) -> None:
+    names = [o.filename("x", "jpg") for o in outputs]
+    if len(set(names)) != len(names):
+        raise RecipeError(f"{key}: two outputs would get the same file name; set distinct names")
+
+
+def combined_alpha(predicted: np.ndarray, picture: imaging.Picture) -> np.ndarray:
+    """The matte, also keeping whatever the input itself had already made transparent."""
+    if picture.alpha is None:
+        return predicted
+    product: np.ndarray = predicted.astype(np.uint16) * picture.alpha
+    return ((product + 127) // 255).astype(np.uint8)
+
+
+def render(output: Output, picture: imaging.Picture, alpha: np.ndarray) -> bytes:
+    """The encoded bytes of one output for a picture and its predicted alpha."""
+    alpha = combined_alpha(alpha, picture)
+    if output.kind == Kind.MASK:
+        if output.format == "jpg":
+            return imaging.encode_jpeg(np.repeat(alpha[:, :, None], 3, axis=2), output.quality)
+        return imaging.encode_png(alpha, output.compression)
+    if output.kind == Kind.CUTOUT:
+        return imaging.encode_png(np.dstack((picture.rgb, alpha)), output.compression)
+    flat = composite(picture.rgb, alpha, output.background)
+    if output.format == "jpg":
+        return imaging.encode_jpeg(flat, output.quality)
+    return imaging.encode_png(flat, output.compression)
+
+
+def composite(rgb: np.ndarray, alpha: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
+    weight = alpha.astype(np.float32)[:, :, None] * (1 / 255)
+    colour = np.asarray(background, np.float32)
+    flat: np.ndarray = rgb.astype(np.float32) * weight + colour * (1 - weight)
+    return np.clip(flat + 0.5, 0, 255).astype(np.uint8)

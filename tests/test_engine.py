@@ -1,0 +1,141 @@
+"""The resident engine: devices, precisions, per-image processing in mixed batches, rembg parity."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from rembg import new_session, remove
+
+from hotfolder.engine import EngineError, MattingEngine, resolve_device, resolve_precision
+from hotfolder.resample import resize_lanczos
+
+from .conftest import WEIGHTS
+
+
+def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+
+
+def test_mixed_sizes_in_one_batch_match_one_by_one(
+    engine: MattingEngine, photos: dict[str, np.ndarray]
+) -> None:
+    images = list(photos.values())
+    together = engine.predict(images)
+    for image, alpha in zip(images, together, strict=True):
+        assert alpha.shape == image.shape[:2]
+        assert alpha.dtype == np.uint8
+        alone = engine.predict([image])[0]
+        # Normalisation is per image: batch-mates never change an image's matte.
+        assert np.abs(alpha.astype(int) - alone.astype(int)).max() <= 1
+
+
+def test_each_matte_uses_its_full_range(
+    engine: MattingEngine, photos: dict[str, np.ndarray]
+) -> None:
+    # A dark photo beside a bright one: per-image min–max keeps both spanning 0–255.
+    dark = (photos["chelsea"] // 4).astype(np.uint8)
+    for alpha in engine.predict([dark, photos["astronaut"]]):
+        assert alpha.min() <= 2
+        assert alpha.max() >= 253
+
+
+def test_matches_rembg_on_real_photos(engine: MattingEngine, photos: dict[str, np.ndarray]) -> None:
+    session = new_session("u2netp")
+    ours = engine.predict(list(photos.values()))
+    for (name, photo), alpha in zip(photos.items(), ours, strict=True):
+        theirs = np.asarray(remove(Image.fromarray(photo), session=session, only_mask=True))
+        assert mean_abs_diff(alpha, theirs) <= 2, name
+
+
+def test_flip_average_makes_mattes_mirror_symmetric(
+    engine: MattingEngine, photos: dict[str, np.ndarray]
+) -> None:
+    averaging = MattingEngine("u2netp", WEIGHTS, device="cpu", flip_average=True)
+    averaging.setup()
+    photo = photos["astronaut"]
+    mirrored = np.ascontiguousarray(photo[:, ::-1])
+    a, b = averaging.predict([photo, mirrored])
+    assert np.abs(a.astype(int) - b[:, ::-1].astype(int)).max() <= 1
+    # The plain model is not symmetric: averaging really changes the matte.
+    plain, plain_mirrored = engine.predict([photo, mirrored])
+    assert mean_abs_diff(plain, plain_mirrored[:, ::-1]) > 1
+
+
+def test_lanczos_resize_matches_pillow(photos: dict[str, np.ndarray]) -> None:
+    for photo in photos.values():
+        expected = np.asarray(Image.fromarray(photo).resize((320, 320), Image.LANCZOS))
+        got = resize_lanczos(torch.from_numpy(photo).permute(2, 0, 1).float(), (320, 320))
+        diff = np.abs(got.permute(1, 2, 0).numpy() - expected)
+        assert diff.max() <= 1  # Pillow's fixed-point arithmetic rounds a few pixels the other way
+
+
+def test_auto_picks_the_cpu_without_a_gpu_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    caplog.set_level(logging.INFO, logger="hotfolder")
+    engine = MattingEngine("u2netp", WEIGHTS, device="auto")
+    engine.setup()
+    assert engine.device == torch.device("cpu")
+    assert engine.precision == "fp32"
+    assert "loaded on cpu (fp32)" in caplog.text
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_asking_for_a_gpu_without_one_is_an_error(device: str) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(EngineError, match="no CUDA GPU is available"):
+        resolve_device(device)
+
+
+@pytest.mark.parametrize("device", ["tpu", "gpu0", "mps"])
+def test_unknown_devices_are_refused(device: str) -> None:
+    with pytest.raises(EngineError, match=r"model\.device"):
+        resolve_device(device)
+
+
+def test_precisions() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_precision("auto", cpu) == torch.float32
+    assert resolve_precision("auto", cuda) == torch.float16
+    assert resolve_precision("bf16", cpu) == torch.bfloat16
+    with pytest.raises(EngineError, match="fp16 needs a GPU"):
+        resolve_precision("fp16", cpu)
+    with pytest.raises(EngineError, match="not one of"):
+        resolve_precision("int8", cpu)
+
+
+def test_missing_weights_are_a_clear_error(tmp_path: Path) -> None:
+    engine = MattingEngine("u2netp", tmp_path / "nowhere.safetensors", device="cpu")
+    with pytest.raises(EngineError, match=r"nowhere\.safetensors: weights file not found"):
+        engine.setup()
+
+
+def test_predict_before_setup_is_an_error() -> None:
+    with pytest.raises(EngineError, match="before setup"):
+        MattingEngine("u2netp", WEIGHTS, device="cpu").predict([np.zeros((4, 4, 3), np.uint8)])
+
+
+@pytest.mark.gpu
+def test_fp16_on_the_gpu_matches_fp32(photos: dict[str, np.ndarray]) -> None:
+    half = MattingEngine("u2netp", WEIGHTS, device="cuda", precision="fp16")
+    full = MattingEngine("u2netp", WEIGHTS, device="cuda", precision="fp32")
+    half.setup()
+    full.setup()
+    images = list(photos.values())
+    for a, b in zip(half.predict(images), full.predict(images), strict=True):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
+
+
+@pytest.mark.gpu
+def test_gpu_matches_cpu(engine: MattingEngine, photos: dict[str, np.ndarray]) -> None:
+    gpu = MattingEngine("u2netp", WEIGHTS, device="cuda", precision="fp32")
+    gpu.setup()
+    images = list(photos.values())
+    for a, b in zip(gpu.predict(images), engine.predict(images), strict=True):
+        assert mean_abs_diff(a, b) <= 0.5

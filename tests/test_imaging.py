@@ -1,0 +1,203 @@
+"""Decoding every input kind the product promises, and refusing the rest with a reason."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from hotfolder import imaging
+from hotfolder.jobs import ImageError, Reason
+
+from . import corpus
+
+
+@pytest.fixture
+def photo(photos: dict[str, np.ndarray]) -> np.ndarray:
+    return photos["coffee"]  # 600 wide, 400 high
+
+
+def assert_close(got: np.ndarray, expected: np.ndarray, tolerance: float) -> None:
+    assert got.shape == expected.shape
+    assert np.abs(got.astype(int) - expected.astype(int)).mean() <= tolerance
+
+
+@pytest.mark.parametrize(
+    ("fmt", "options", "tolerance"),
+    [
+        ("JPEG", {"quality": 95}, 3.0),
+        ("PNG", {}, 0),
+        ("WEBP", {"lossless": True}, 0),
+        ("BMP", {}, 0),
+        ("TIFF", {}, 0),
+    ],
+)
+def test_formats_decode_by_content(
+    photo: np.ndarray, fmt: str, options: dict[str, object], tolerance: float
+) -> None:
+    data = corpus.encoded(Image.fromarray(photo), fmt, **options)
+    picture = imaging.decode(data)
+    assert picture.alpha is None
+    assert picture.rgb.dtype == np.uint8
+    assert_close(picture.rgb, photo, tolerance)
+
+
+def test_extension_is_ignored(photo: np.ndarray, tmp_path: Path) -> None:
+    path = corpus.write(tmp_path, "really-a-png.jpg", corpus.png(photo))
+    picture = imaging.decode(imaging.read_file(path))
+    assert np.array_equal(picture.rgb, photo)
+
+
+def test_grayscale_becomes_rgb(photo: np.ndarray) -> None:
+    gray = np.asarray(Image.fromarray(photo).convert("L"))
+    for data in (corpus.png(gray), corpus.jpeg(gray, quality=100)):
+        picture = imaging.decode(data)
+        assert picture.rgb.shape == (*gray.shape, 3)
+        assert_close(picture.rgb[:, :, 1], gray, 1.0)
+
+
+def test_sixteen_bit_gray_and_rgb(photo: np.ndarray) -> None:
+    gray16 = np.asarray(Image.fromarray(photo).convert("L")).astype(np.uint16) * 257
+    picture = imaging.decode(corpus.encoded(Image.fromarray(gray16), "PNG"))
+    assert_close(picture.rgb[:, :, 0], (gray16 // 257).astype(np.uint8), 0)
+    import cv2
+
+    ok, rgb16 = cv2.imencode(".png", cv2.cvtColor(photo, cv2.COLOR_RGB2BGR).astype(np.uint16) * 257)
+    assert ok
+    picture = imaging.decode(rgb16.tobytes())
+    assert_close(picture.rgb, photo, 0)
+
+
+def test_palette_with_transparency_keeps_alpha(photo: np.ndarray) -> None:
+    palette = Image.fromarray(photo).convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+    transparent_index = int(np.asarray(palette)[0, 0])
+    picture = imaging.decode(corpus.encoded(palette, "PNG", transparency=transparent_index))
+    assert picture.alpha is not None
+    assert picture.alpha[0, 0] == 0
+    assert (picture.alpha == 255).mean() > 0.5
+
+
+def test_rgba_input_keeps_alpha(photo: np.ndarray) -> None:
+    alpha = np.zeros(photo.shape[:2], np.uint8)
+    alpha[100:300, 200:400] = 255
+    rgba = np.dstack((photo, alpha))
+    for data in (corpus.png(rgba), corpus.encoded(Image.fromarray(rgba), "WEBP", lossless=True)):
+        picture = imaging.decode(data)
+        assert picture.alpha is not None
+        assert np.array_equal(picture.alpha, alpha)
+        assert np.array_equal(picture.rgb[alpha > 0], photo[alpha > 0])
+
+
+def test_cmyk_jpeg_becomes_rgb(photo: np.ndarray) -> None:
+    cmyk = Image.fromarray(photo).convert("CMYK")
+    picture = imaging.decode(corpus.encoded(cmyk, "JPEG", quality=95))
+    assert_close(picture.rgb, np.asarray(cmyk.convert("RGB")), 3.0)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied(photo: np.ndarray, orientation: int) -> None:
+    # Store the photo the way a camera would for this orientation, then expect it upright.
+    stored = {
+        1: photo,
+        2: photo[:, ::-1],
+        3: photo[::-1, ::-1],
+        4: photo[::-1],
+        5: photo.swapaxes(0, 1),  # transpose
+        6: np.rot90(photo, k=1),  # the camera was turned 90° clockwise
+        7: photo[::-1, ::-1].swapaxes(0, 1),  # transverse
+        8: np.rot90(photo, k=-1),
+    }[orientation]
+    data = corpus.exif_rotated_jpeg(np.ascontiguousarray(stored), orientation)
+    picture = imaging.decode(data)
+    assert picture.size == (600, 400)
+    assert_close(picture.rgb, photo, 4.0)
+    # Pillow's own exif_transpose agrees.
+    upright = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    assert_close(picture.rgb, np.asarray(upright), 1.0)
+
+
+def test_pixel_cap_is_checked_from_the_header() -> None:
+    with pytest.raises(ImageError, match=r"100000×100000 = 10000\.0 MP") as caught:
+        imaging.decode(corpus.png_claiming(100_000, 100_000))
+    assert caught.value.reason == Reason.TOO_MANY_PIXELS
+
+
+def test_configurable_pixel_cap(photo: np.ndarray) -> None:
+    with pytest.raises(ImageError) as caught:
+        imaging.decode(corpus.png(photo), max_pixels=200_000)
+    assert caught.value.reason == Reason.TOO_MANY_PIXELS
+
+
+@pytest.mark.parametrize(
+    ("make", "reason", "words"),
+    [
+        (lambda p: b"", Reason.EMPTY, "empty"),
+        (corpus.truncated_jpeg, Reason.CORRUPT, "truncated"),
+        (lambda p: b"hello, this is not a photo\n" * 20, Reason.UNSUPPORTED, "not a JPEG"),
+        (lambda p: corpus.png(p)[:60], Reason.CORRUPT, "cannot be decoded|damaged"),
+        (lambda p: corpus.encoded(Image.fromarray(p), "GIF"), Reason.UNSUPPORTED, "not a JPEG"),
+    ],
+    ids=["empty", "truncated-jpeg", "text", "truncated-png", "gif"],
+)
+def test_broken_input_is_a_clear_error(
+    photo: np.ndarray, make: object, reason: Reason, words: str
+) -> None:
+    with pytest.raises(ImageError, match=words) as caught:
+        imaging.decode(make(photo))  # type: ignore[operator]
+    assert caught.value.reason == reason
+
+
+def test_animated_webp_is_refused(photo: np.ndarray) -> None:
+    frames = [Image.fromarray(photo), Image.fromarray(photo[::-1].copy())]
+    data = corpus.encoded(frames[0], "WEBP", save_all=True, append_images=frames[1:])
+    with pytest.raises(ImageError, match="2 frames") as caught:
+        imaging.decode(data)
+    assert caught.value.reason == Reason.UNSUPPORTED
+
+
+def test_read_file_refuses_symlinks(tmp_path: Path) -> None:
+    link = tmp_path / "passwd.jpg"
+    link.symlink_to("/etc/passwd")
+    with pytest.raises(ImageError, match="symbolic link") as caught:
+        imaging.read_file(link)
+    assert caught.value.reason == Reason.NOT_A_FILE
+
+
+def test_read_file_refuses_fifos_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageError, match="not a regular file"):
+        imaging.read_file(fifo)
+
+
+def test_read_file_refuses_folders(tmp_path: Path) -> None:
+    folder = tmp_path / "x.jpg"
+    folder.mkdir()
+    with pytest.raises(ImageError, match="not a regular file"):
+        imaging.read_file(folder)
+
+
+def test_read_file_byte_cap_and_empty(tmp_path: Path) -> None:
+    big = corpus.write(tmp_path, "big.jpg", b"\xff" * 2000)
+    with pytest.raises(ImageError, match="2000 bytes, over the limit of 1000") as caught:
+        imaging.read_file(big, max_bytes=1000)
+    assert caught.value.reason == Reason.TOO_LARGE
+    with pytest.raises(ImageError, match="empty"):
+        imaging.read_file(corpus.write(tmp_path, "zero.jpg", b""))
+
+
+def test_encoders_round_trip(photo: np.ndarray) -> None:
+    alpha = np.linspace(0, 255, photo.shape[1], dtype=np.uint8)[None].repeat(photo.shape[0], 0)
+    rgba = np.dstack((photo, alpha))
+    back = Image.open(io.BytesIO(imaging.encode_png(rgba)))
+    assert back.mode == "RGBA"
+    assert np.array_equal(np.asarray(back), rgba)
+    mask = Image.open(io.BytesIO(imaging.encode_png(alpha)))
+    assert mask.mode == "L"
+    assert np.array_equal(np.asarray(mask), alpha)
+    decoded = imaging.decode(imaging.encode_jpeg(photo, quality=95))
+    assert_close(decoded.rgb, photo, 3.0)
