@@ -50,6 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    run = commands.add_parser("run", help="the daemon: watch the inboxes and process each file")
+    add_config_option(run)
+    run.add_argument(
+        "--once", action="store_true", help="process what is in the inboxes now, then exit"
+    )
+    run.set_defaults(handler=run_daemon)
+
+    history = commands.add_parser("history", help="recent jobs from the journal")
+    add_config_option(history)
+    history.add_argument("--failed", action="store_true", help="only jobs that failed")
+    history.add_argument("--limit", type=int, default=20, help="how many jobs (default 20)")
+    history.set_defaults(handler=run_history)
+
     matte = commands.add_parser("matte", help="remove backgrounds from files or folders once")
     add_config_option(matte)
     matte.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="files or folders")
@@ -139,6 +152,29 @@ def make_engine(cfg: config.Config, flip_average: bool | None = None) -> Matting
     return engine
 
 
+def run_daemon(args: argparse.Namespace) -> int:
+    from hotfolder.service import Service
+
+    cfg = load_config(args.config)
+    if not cfg.inboxes:
+        raise UsageError(f"{cfg.source or 'config'}: no inboxes configured; add one under inboxes:")
+    config.ensure_folders(cfg)
+    engine = make_engine(cfg)
+    return Service(cfg, engine, once=args.once).run()
+
+
+def run_history(args: argparse.Namespace) -> int:
+    from hotfolder.journal import Journal, format_rows
+
+    cfg = load_config(args.config)
+    if not cfg.journal.exists():
+        raise UsageError(f"{cfg.journal}: no journal yet (the daemon creates it on first run)")
+    journal = Journal(cfg.journal)
+    print(format_rows(journal.recent(args.limit, failed_only=args.failed)))
+    journal.close()
+    return EXIT_OK
+
+
 def run_matte(args: argparse.Namespace) -> int:
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
@@ -163,8 +199,12 @@ def run_matte(args: argparse.Namespace) -> int:
 
 def run_check(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
+    config.ensure_folders(cfg)
     engine = make_engine(cfg)
     print(f"config: ok ({cfg.source or 'defaults'})")
+    for inbox in cfg.inboxes:
+        watch = "polling" if inbox.polling else "inotify"
+        print(f"inbox {inbox.name}: {inbox.path} -> {inbox.outbox} ({watch})")
     print(f"model: {cfg.model.name} from {cfg.model.weights}")
     print(f"device: {engine.device} ({engine.precision}), warm-up {engine.warmup_seconds:.2f} s")
     return EXIT_OK

@@ -20,7 +20,7 @@ from hotfolder import imaging, recipes
 
 CONFIG_ENV = "HOTFOLDER_CONFIG"
 DEFAULT_CONFIG = Path("config.yaml")
-ORIGINALS = ("move", "delete", "keep")
+ORIGINALS = ("move", "delete")
 T = TypeVar("T")
 
 
@@ -64,6 +64,14 @@ class InboxConfig:
 
 
 @dataclass(frozen=True)
+class DaemonConfig:
+    scan_interval_ms: int = 10_000  # listing the inboxes: catches what events missed
+    drain_timeout_ms: int = 30_000  # SIGTERM: time to finish the in-flight batch
+    workers: int = 0  # decode and encode threads each; 0: one per CPU core
+    max_attempts: int = 3  # a file that fails (or crashes the daemon) this often goes to errors/
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     listen: str = "127.0.0.1:9108"
 
@@ -74,8 +82,9 @@ class Config:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     inboxes: tuple[InboxConfig, ...] = ()
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    journal: Path | None = None
+    journal: Path = Path("data/journal.sqlite3")
     source: Path | None = None
 
 
@@ -108,12 +117,12 @@ def load(path: Path) -> Config:
 
 def parse(raw: Any, base: Path, source: Path | None = None) -> Config:
     top = _mapping(raw, "the top level")
-    _known(top, "", {"model", "batching", "limits", "inboxes", "metrics", "journal"})
+    _known(top, "", {"model", "batching", "limits", "inboxes", "daemon", "metrics", "journal"})
     inboxes = tuple(
         _inbox(item, f"inboxes[{i}]", base) for i, item in enumerate(_list(top, "inboxes"))
     )
     _check_inboxes(inboxes)
-    journal = top.get("journal")
+    journal = top.get("journal", str(Config.journal))
     return Config(
         model=_model(top.get("model", {}), base),
         batching=_batching(top.get("batching", {})),
@@ -122,7 +131,8 @@ def parse(raw: Any, base: Path, source: Path | None = None) -> Config:
         metrics=MetricsConfig(
             listen=_get(_section(top, "metrics"), "metrics.listen", str, MetricsConfig.listen)
         ),
-        journal=None if journal is None else _path(journal, "journal", base),
+        daemon=_daemon(top.get("daemon", {})),
+        journal=_path(journal, "journal", base),
         source=source,
     )
 
@@ -155,6 +165,36 @@ def _batching(raw: Any) -> BatchingConfig:
     )
 
 
+def _daemon(raw: Any) -> DaemonConfig:
+    section = _mapping(raw, "daemon")
+    _known(section, "daemon", {"scan_interval_ms", "drain_timeout_ms", "workers", "max_attempts"})
+    defaults = DaemonConfig()
+    return DaemonConfig(
+        scan_interval_ms=_positive(section, "daemon.scan_interval_ms", defaults.scan_interval_ms),
+        drain_timeout_ms=_positive(section, "daemon.drain_timeout_ms", defaults.drain_timeout_ms),
+        workers=_non_negative(section, "daemon.workers", defaults.workers),
+        max_attempts=_positive(section, "daemon.max_attempts", defaults.max_attempts),
+    )
+
+
+def ensure_folders(config: Config) -> None:
+    """Create every configured folder, or say which key names one that cannot be created."""
+    folders: list[tuple[str, Path | None]] = [("journal", config.journal.parent)]
+    for i, inbox in enumerate(config.inboxes):
+        for label in ("path", "outbox", "done", "errors"):
+            folders.append((f"inboxes[{i}].{label}", getattr(inbox, label)))
+    for key, folder in folders:
+        if folder is None:
+            continue
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"{key}: cannot create {folder}: {exc.strerror}; "
+                "fix the path or the permissions of its parent"
+            ) from None
+
+
 def _limits(raw: Any) -> LimitsConfig:
     section = _mapping(raw, "limits")
     _known(section, "limits", {"max_pixels", "max_bytes"})
@@ -182,7 +222,7 @@ def _inbox(raw: Any, key: str, base: Path) -> InboxConfig:
     if originals not in ORIGINALS:
         raise ConfigError(f"{key}.originals: {originals!r} is not one of {', '.join(ORIGINALS)}")
     if originals == "move" and "done" not in section:
-        raise ConfigError(f"{key}.done: missing; set a done folder or originals: delete | keep")
+        raise ConfigError(f"{key}.done: missing; set a done folder or originals: delete")
     try:
         outputs = tuple(
             recipes.parse_output(item, f"{key}.outputs[{i}]")

@@ -36,16 +36,6 @@ SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 
 
 @dataclass(frozen=True)
-class Header:
-    format: str
-    width: int
-    height: int
-    mode: str
-    orientation: int
-    frames: int
-
-
-@dataclass(frozen=True)
 class Picture:
     """A decoded image, upright: ``rgb`` is (H, W, 3) uint8; ``alpha`` (H, W) uint8 or None."""
 
@@ -96,52 +86,48 @@ def _open(data: bytes) -> Image.Image:
         raise ImageError(Reason.CORRUPT, f"has a damaged header ({exc})") from exc
 
 
-def _header(image: Image.Image) -> Header:
+def _orientation(image: Image.Image) -> int:
     try:
         orientation = int(image.getexif().get(EXIF_ORIENTATION, 1))
     except Exception:  # unreadable EXIF is not worth rejecting the photo for
-        orientation = 1
-    return Header(
-        format=str(image.format),
-        width=image.width,
-        height=image.height,
-        mode=image.mode,
-        orientation=orientation if 1 <= orientation <= 8 else 1,
-        frames=int(getattr(image, "n_frames", 1)),
-    )
+        return 1
+    return orientation if 1 <= orientation <= 8 else 1
 
 
-def check_limits(header: Header, max_pixels: int) -> None:
-    pixels = header.width * header.height
+def check_limits(width: int, height: int, frames: int, max_pixels: int) -> None:
+    pixels = width * height
     if pixels == 0:
         raise ImageError(Reason.CORRUPT, "has no pixels (width or height is 0)")
     if pixels > max_pixels:
         raise ImageError(
             Reason.TOO_MANY_PIXELS,
-            f"is {header.width}×{header.height} = {pixels / 1e6:.1f} MP, "
+            f"is {width}×{height} = {pixels / 1e6:.1f} MP, "
             f"over the limit of {max_pixels / 1e6:.1f} MP",
         )
-    if header.frames > 1:
+    if frames > 1:
         raise ImageError(
-            Reason.UNSUPPORTED, f"has {header.frames} frames; animated images are not supported"
+            Reason.UNSUPPORTED, f"has {frames} frames; animated images are not supported"
         )
 
 
 def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Picture:
     """Decode an image file's bytes, upright (EXIF orientation applied), as 8-bit RGB(A)."""
     image = _open(data)
-    header = _header(image)
-    check_limits(header, max_pixels)
+    # Only header fields before this check: Pillow decodes a whole PNG to look for its EXIF.
+    check_limits(image.width, image.height, int(getattr(image, "n_frames", 1)), max_pixels)
     try:
-        if header.format == "JPEG" and header.mode in ("RGB", "L"):
+        if image.format == "JPEG" and image.mode in ("RGB", "L"):
+            orientation = _orientation(image)
             picture = _decode_jpeg_opencv(data)
         else:
+            image.load()
+            orientation = _orientation(image)
             picture = _decode_pillow(image)
     except ImageError:
         raise
     except Exception as exc:
         raise ImageError(Reason.CORRUPT, f"cannot be decoded: {exc}") from exc
-    return orient(picture, header.orientation)
+    return orient(picture, orientation)
 
 
 def _decode_jpeg_opencv(data: bytes) -> Picture:
@@ -153,7 +139,6 @@ def _decode_jpeg_opencv(data: bytes) -> Picture:
 
 
 def _decode_pillow(image: Image.Image) -> Picture:
-    image.load()
     mode = image.mode
     if mode in SIXTEEN_BIT_MODES:
         gray = _to_8bit(np.array(image))

@@ -14,9 +14,9 @@ class Reason(enum.StrEnum):
     TOO_MANY_PIXELS = "too_many_pixels"
     UNSUPPORTED = "unsupported_format"
     CORRUPT = "corrupt"
-    OUTPUT_EXISTS = "output_exists"
     INFERENCE = "inference_failed"
     ENCODE = "encode_failed"
+    REPEATED_FAILURE = "repeated_failure"
 
 
 class ImageError(Exception):

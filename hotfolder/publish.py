@@ -1,9 +1,16 @@
-"""Atomic writes: a reader of the outbox sees a complete file or none at all."""
+"""Atomic writes into the outbox, and durable moves of originals to done/ or errors/.
+
+A reader of the outbox sees a complete file or none at all; an original leaves the work folder
+only after every output of its job is durable.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -35,3 +42,61 @@ def write_atomic(path: Path, data: bytes, mode: int = DEFAULT_FILE_MODE) -> None
             os.unlink(temp)
         raise
     fsync_dir(path.parent)
+
+
+def move_file(source: Path, target: Path) -> None:
+    """Move a file, durably: a rename on one filesystem, copy + fsync + unlink across two."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(source, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        temp = target.with_name(f".{target.name[:200]}.{os.getpid()}.tmp")
+        shutil.copy2(source, temp, follow_symlinks=False)
+        if not temp.is_symlink():
+            with temp.open("rb") as f:
+                os.fsync(f.fileno())
+        os.replace(temp, target)
+        fsync_dir(target.parent)
+        os.unlink(source)
+        return
+    fsync_dir(target.parent)
+
+
+def free_name(target: Path, tag: str) -> Path:
+    """``target``, or ``<stem>.<tag><suffix>`` beside it when that name is taken: an archived
+    original never replaces an earlier one of the same name."""
+    if not os.path.lexists(target):
+        return target
+    return target.with_name(f"{target.stem}.{tag}{target.suffix}")
+
+
+def place_outputs(files: list[tuple[Path, bytes]], staging: Path, mode: int) -> None:
+    """Write every output into ``staging`` (a work folder on the inbox's filesystem), then rename
+    each into the outbox, so the outbox never holds a partial or temporary file. An existing
+    output of the same name is replaced: processing a job twice leaves one set of outputs."""
+    staging.mkdir(parents=True, exist_ok=True)
+    staged = []
+    for index, (target, data) in enumerate(files):
+        path = staging / f"output-{index}"
+        with path.open("wb") as f:
+            f.write(data)
+            os.fchmod(f.fileno(), mode)
+            f.flush()
+            os.fsync(f.fileno())
+        staged.append((path, target, data))
+    for path, target, data in staged:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(path, target)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            write_atomic(target, data, mode)  # another filesystem: hidden temp beside it
+            continue
+        fsync_dir(target.parent)
+
+
+def write_error_report(sidecar: Path, report: dict[str, object]) -> None:
+    write_atomic(sidecar, (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode())

@@ -27,6 +27,7 @@ DEFAULT_NAME = {
     Kind.COMPOSITE: "{stem}.jpg",
 }
 TEMPLATE_FIELDS = {"stem", "ext", "kind"}
+MAX_NAME_BYTES = 255
 NAMED_COLOURS = {"white": (255, 255, 255), "black": (0, 0, 0), "grey": (128, 128, 128)}
 
 
@@ -54,7 +55,16 @@ class Output:
             object.__setattr__(self, "name", default)
 
     def filename(self, stem: str, ext: str) -> str:
-        return self.name.format(stem=stem, ext=ext.lstrip("."), kind=self.kind.value)
+        """The output's file name: control characters replaced, at most 255 bytes (the stem is
+        shortened), so any name a user managed to create still gives a valid output name."""
+        stem = "".join("_" if ord(c) < 32 or c == "\x7f" else c for c in stem)
+        ext = ext.lstrip(".")
+        name = self.name.format(stem=stem, ext=ext, kind=self.kind.value)
+        excess = len(name.encode()) - MAX_NAME_BYTES
+        if excess > 0:
+            short = stem.encode()[: max(len(stem.encode()) - excess, 1)].decode(errors="ignore")
+            name = self.name.format(stem=short, ext=ext, kind=self.kind.value)
+        return name
 
 
 def parse_colour(value: str) -> tuple[int, int, int]:

@@ -95,7 +95,7 @@ def test_inbox_outputs_and_names(tmp_path: Path) -> None:
         ({"outputs": [{"kind": "composite", "background": "#12"}]}, "is not a colour"),
         ({"outputs": [{"kind": "mask", "name": "../{stem}.png"}]}, "may not contain a folder"),
         ({"outputs": [{"kind": "mask", "name": "mask.png"}]}, "must contain {stem}"),
-        ({"originals": "shred"}, "originals: 'shred' is not one of move, delete, keep"),
+        ({"originals": "shred"}, "originals: 'shred' is not one of move, delete"),
         ({"name": "my inbox"}, "must be letters, digits"),
     ],
 )
@@ -115,8 +115,8 @@ def test_two_inboxes_on_one_folder_are_refused(tmp_path: Path) -> None:
         parse(tmp_path, yaml.safe_dump({"inboxes": [one, two]}))
 
 
-def test_originals_kept_need_no_done_folder(tmp_path: Path) -> None:
-    inbox = base_inbox(tmp_path) | {"originals": "keep"}
+def test_originals_deleted_need_no_done_folder(tmp_path: Path) -> None:
+    inbox = base_inbox(tmp_path) | {"originals": "delete"}
     del inbox["done"]
     cfg = parse(tmp_path, yaml.safe_dump({"inboxes": [inbox]}))
     assert cfg.inboxes[0].done is None

@@ -1,0 +1,139 @@
+"""A SQLite history of every job: where it came from, when each stage ran, how it ended.
+
+One row per job, keyed by the job id that the claim gave it, so a job resumed after a crash
+updates its row instead of adding one. WAL mode lets several daemons on one host share the file.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    inbox TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size INTEGER,
+    sha256 TEXT,
+    detected_at REAL,
+    claimed_at REAL,
+    inferred_at REAL,
+    published_at REAL,
+    batch_size INTEGER,
+    device TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    outcome TEXT NOT NULL,
+    reason TEXT,
+    error TEXT,
+    outputs TEXT,
+    host TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_by_time ON jobs (claimed_at);
+"""
+
+COLUMNS = [
+    *("id", "inbox", "path", "size", "sha256", "detected_at", "claimed_at", "inferred_at"),
+    *("published_at", "batch_size", "device", "attempts", "outcome", "reason", "error"),
+    *("outputs", "host"),
+]
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    inbox: str
+    path: str
+    size: int | None
+    sha256: str | None
+    detected_at: float | None
+    claimed_at: float | None
+    inferred_at: float | None
+    published_at: float | None
+    batch_size: int | None
+    device: str | None
+    attempts: int
+    outcome: str
+    reason: str | None
+    error: str | None
+    outputs: list[str]
+    host: str | None
+
+
+class Journal:
+    """Thread-safe: one connection, one lock (writes are small and rare next to inference)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        with self._locked() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(SCHEMA)
+
+    @contextmanager
+    def _locked(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            yield self._db
+
+    def close(self) -> None:
+        with self._locked() as db:
+            db.close()
+
+    def begin(self, job_id: str, **fields: Any) -> None:
+        """The job's row, when it has none yet (a resumed job keeps the one it has)."""
+        names = ["id", *fields]
+        placeholders = ", ".join("?" for _ in names)
+        sql = f"INSERT OR IGNORE INTO jobs ({', '.join(names)}) VALUES ({placeholders})"
+        with self._locked() as db:
+            db.execute(sql, [job_id, *fields.values()])
+
+    def update(self, job_id: str, **fields: Any) -> None:
+        if "outputs" in fields:
+            fields["outputs"] = json.dumps(fields["outputs"])
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        with self._locked() as db:
+            db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", [*fields.values(), job_id])
+
+    def forget(self, job_id: str) -> None:
+        """Drop the row of a claim that was put back untouched: it will be a new job."""
+        with self._locked() as db:
+            db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+
+    def recent(self, limit: int = 20, failed_only: bool = False) -> list[Row]:
+        where = "WHERE outcome = 'failed'" if failed_only else ""
+        sql = f"SELECT {', '.join(COLUMNS)} FROM jobs {where} ORDER BY claimed_at DESC LIMIT ?"
+        with self._locked() as db:
+            rows = db.execute(sql, (limit,)).fetchall()
+        return [_row(values) for values in rows]
+
+    def all(self) -> list[Row]:
+        return self.recent(limit=-1)
+
+
+def _row(values: tuple[Any, ...]) -> Row:
+    record = dict(zip(COLUMNS, values, strict=True))
+    record["outputs"] = json.loads(record["outputs"]) if record["outputs"] else []
+    return Row(**record)
+
+
+def format_rows(rows: list[Row]) -> str:
+    """A table for people, newest first."""
+    lines = [f"{'claimed':19}  {'inbox':12} {'outcome':8} {'batch':>5} {'ms':>7}  path / error"]
+    for row in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row.claimed_at or 0))
+        took = ""
+        if row.published_at and row.detected_at:
+            took = f"{(row.published_at - row.detected_at) * 1000:.0f}"
+        batch = "" if row.batch_size is None else str(row.batch_size)
+        detail = row.path if row.outcome != "failed" else f"{row.path}: {row.reason}: {row.error}"
+        lines.append(f"{when}  {row.inbox:12} {row.outcome:8} {batch:>5} {took:>7}  {detail}")
+    return "\n".join(lines)

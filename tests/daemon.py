@@ -1,0 +1,145 @@
+"""Running real daemon processes in tests: config, start, wait with deadlines, inspect results."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from . import corpus
+from .conftest import ROOT, WEIGHTS
+
+
+@dataclass
+class Site:
+    """A daemon's folders and config under one test folder."""
+
+    root: Path
+
+    @property
+    def inbox(self) -> Path:
+        return self.root / "inbox"
+
+    @property
+    def outbox(self) -> Path:
+        return self.root / "outbox"
+
+    @property
+    def done(self) -> Path:
+        return self.root / "done"
+
+    @property
+    def errors(self) -> Path:
+        return self.root / "errors"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def journal(self) -> Path:
+        return self.root / "journal.sqlite3"
+
+    def write_config(self, settle_ms: int = 300, **sections: object) -> Path:
+        config: dict[str, object] = {
+            "model": {"weights": str(WEIGHTS), "device": "cpu"},
+            "batching": {"max_batch_size": 8, "max_wait_ms": 50},
+            "daemon": {"scan_interval_ms": 1000, "drain_timeout_ms": 30000, "workers": 2},
+            "journal": str(self.journal),
+            "inboxes": [
+                {
+                    "name": "products",
+                    "path": str(self.inbox),
+                    "outbox": str(self.outbox),
+                    "done": str(self.done),
+                    "errors": str(self.errors),
+                    "settle_ms": settle_ms,
+                    "outputs": [{"kind": "cutout"}, {"kind": "mask"}],
+                }
+            ],
+        }
+        for key, value in sections.items():
+            config[key] = value
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.config.write_text(yaml.safe_dump(config))
+        return self.config
+
+    def files(self, folder: Path) -> list[str]:
+        """Relative paths of every file (not folder) under ``folder``, hidden ones included."""
+        if not folder.exists():
+            return []
+        return sorted(
+            str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() or p.is_symlink()
+        )
+
+    def visible_inbox_files(self) -> list[str]:
+        return [f for f in self.files(self.inbox) if not f.startswith(".hotfolder")]
+
+    def rows(self) -> list[dict[str, object]]:
+        with sqlite3.connect(self.journal) as db:
+            db.row_factory = sqlite3.Row
+            return [dict(r) for r in db.execute("SELECT * FROM jobs")]
+
+
+def photo_jpegs(photos: dict[str, np.ndarray], count: int, size: int = 96) -> list[bytes]:
+    """``count`` small, different JPEGs cut from real photos."""
+    from PIL import Image
+
+    sources = list(photos.values())
+    images = []
+    for i in range(count):
+        photo = sources[i % len(sources)]
+        y, x = (i * 7) % 100, (i * 13) % 100
+        crop = Image.fromarray(photo[y : y + 250, x : x + 250]).resize((size, size))
+        images.append(corpus.jpeg(np.asarray(crop)))
+    return images
+
+
+def start(config: Path, *args: str, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as handle:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "hotfolder", "run", "--config", str(config), *args],
+            cwd=ROOT,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def run_once(config: Path, log: Path, timeout: float = 240) -> int:
+    process = start(config, "--once", log=log)
+    return process.wait(timeout=timeout)
+
+
+def wait_for(
+    condition: Callable[[], object], timeout: float, what: str, interval: float = 0.05
+) -> None:
+    """Poll ``condition`` until it holds; fail with ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def wait_serving(log: Path, timeout: float = 60) -> None:
+    wait_for(lambda: log.exists() and b"serving" in log.read_bytes(), timeout, "daemon start")
+
+
+def stop(process: subprocess.Popen[bytes], timeout: float = 60) -> int:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    return process.wait(timeout=timeout)
+
+
+def kill(process: subprocess.Popen[bytes]) -> None:
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)

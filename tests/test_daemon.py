@@ -1,0 +1,260 @@
+"""`hotfolder run` end to end: real processes, the real model, real files and signals.
+
+Every wait is a poll with a deadline; nothing sleeps for a fixed time to let the daemon work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from . import corpus
+from .daemon import (
+    Site,
+    kill,
+    photo_jpegs,
+    run_once,
+    start,
+    stop,
+    wait_for,
+    wait_serving,
+)
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Site:
+    return Site(tmp_path / "site")
+
+
+def drop(folder: Path, images: list[bytes], prefix: str = "photo") -> list[str]:
+    names = []
+    for i, data in enumerate(images):
+        name = f"{prefix}-{i:03d}.jpg"
+        corpus.write(folder, name, data)
+        names.append(name)
+    return names
+
+
+def assert_one_output_set(site: Site, relative: str) -> None:
+    stem = relative.rsplit(".", 1)[0]
+    with Image.open(site.outbox / f"{stem}.png") as cutout:
+        assert cutout.mode == "RGBA"
+        cutout.load()
+    with Image.open(site.outbox / f"{stem}.mask.png") as mask:
+        assert mask.mode == "L"
+
+
+def test_once_drains_the_inbox(site: Site, photos: dict[str, np.ndarray]) -> None:
+    site.write_config()
+    images = photo_jpegs(photos, 40)
+    good = []
+    for i, folder in enumerate(["", "shoes", "shoes/red"]):
+        chunk = images[i * 14 : (i + 1) * 14] if i < 2 else images[28:]
+        good += [f"{folder}/{n}".lstrip("/") for n in drop(site.inbox / folder, chunk, f"p{i}")]
+    assert len(good) == 40
+    corpus.write(site.inbox, "bad/empty.jpg", b"")
+    corpus.write(site.inbox, "bad/truncated.jpg", corpus.truncated_jpeg(photos["coffee"]))
+    corpus.write(site.inbox, "bad/notes.jpg", b"not a photo at all\n" * 10)
+    corpus.write(site.inbox, "bad/huge.png", corpus.png_claiming(100_000, 100_000))
+    (site.inbox / "bad/passwd.jpg").symlink_to("/etc/passwd")
+
+    assert run_once(site.config, site.root / "log") == 0
+
+    assert site.visible_inbox_files() == []
+    assert site.files(site.done) == sorted(good)
+    outputs = site.files(site.outbox)
+    assert len(outputs) == 80
+    for relative in good:
+        assert_one_output_set(site, relative)
+    reasons = {}
+    for sidecar in (site.errors / "bad").glob("*.error.json"):
+        report = json.loads(sidecar.read_text())
+        assert {"reason", "message", "attempts", "time", "host", "version"} <= report.keys()
+        reasons[report["file"]] = report["reason"]
+    assert reasons == {
+        "bad/empty.jpg": "empty",
+        "bad/truncated.jpg": "corrupt",
+        "bad/notes.jpg": "unsupported_format",
+        "bad/huge.png": "too_many_pixels",
+        "bad/passwd.jpg": "not_a_file",
+    }
+    assert (site.errors / "bad/passwd.jpg").is_symlink()
+    rows = site.rows()
+    assert Counter(r["outcome"] for r in rows) == {"success": 40, "failed": 5}
+    assert sorted(r["path"] for r in rows if r["outcome"] == "success") == sorted(good)
+    for row in rows:
+        if row["outcome"] == "success":
+            assert len(str(row["sha256"])) == 64
+            assert row["batch_size"]
+            assert row["published_at"] >= row["claimed_at"]
+
+
+def test_batches_fill_to_max_batch_size(site: Site, photos: dict[str, np.ndarray]) -> None:
+    site.write_config(batching={"max_batch_size": 16, "max_wait_ms": 3000})
+    drop(site.inbox, photo_jpegs(photos, 64, size=64))
+    assert run_once(site.config, site.root / "log") == 0
+    rows = site.rows()
+    assert len(rows) == 64
+    assert Counter(r["batch_size"] for r in rows) == {16: 64}
+
+
+def test_live_daemon_takes_each_file_once_when_complete(
+    site: Site, photos: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    site.write_config(settle_ms=1500)
+    images = photo_jpegs(photos, 6, size=128)
+    corpus.write(site.inbox, "before-start.jpg", images[0])
+    log = site.root / "log"
+    daemon = start(site.config, log=log)
+    try:
+        wait_serving(log)
+        wait_for(lambda: (site.done / "before-start.jpg").exists(), 60, "the file present at start")
+
+        # Written in 5 chunks over 4 s: nothing may be published before the last chunk.
+        data = images[1]
+        chunks = [data[i * len(data) // 5 : (i + 1) * len(data) // 5] for i in range(5)]
+        with (site.inbox / "slow.jpg").open("wb") as f:
+            for i, chunk in enumerate(chunks):
+                if i:
+                    time.sleep(1.0)  # the writer's pace, not a wait for the daemon
+                assert not (site.outbox / "slow.png").exists()
+                f.write(chunk)
+                f.flush()
+
+        # An upload written under a temporary name, then renamed.
+        corpus.write(site.inbox, "upload.jpg.part", images[2])
+        os.rename(site.inbox / "upload.jpg.part", site.inbox / "upload.jpg")
+        # mv from another folder on the same filesystem, and cp.
+        outside = tmp_path / "outside"
+        corpus.write(outside, "moved.jpg", images[3])
+        shutil.move(outside / "moved.jpg", site.inbox / "moved.jpg")
+        corpus.write(outside, "copied.jpg", images[4])
+        subprocess.run(
+            ["cp", str(outside / "copied.jpg"), str(site.inbox / "copied.jpg")], check=True
+        )
+        # A subfolder created after start.
+        (site.inbox / "new-folder").mkdir()
+        corpus.write(site.inbox, "new-folder/late.jpg", images[5])
+
+        expected = ["before-start.jpg", "copied.jpg", "moved.jpg", "new-folder/late.jpg",
+                    "slow.jpg", "upload.jpg"]  # fmt: skip
+        wait_for(lambda: site.files(site.done) == expected, 90, "all six files in done/")
+    finally:
+        assert stop(daemon) == 0
+    assert (site.done / "slow.jpg").read_bytes() == data
+    assert "upload.jpg.part" not in site.files(site.errors)
+    rows = site.rows()
+    assert sorted(r["path"] for r in rows) == expected
+    assert all(r["outcome"] == "success" for r in rows)
+    for relative in expected:
+        assert_one_output_set(site, relative)
+
+
+class OutboxWatcher(threading.Thread):
+    """Lists the outbox continuously; every file it ever sees must be a complete image with a
+    final name (no temporary or hidden file, no partial PNG)."""
+
+    def __init__(self, outbox: Path) -> None:
+        super().__init__(daemon=True)
+        self.outbox = outbox
+        self.running = True
+        self.problems: list[str] = []
+        self.looks = 0
+
+    def run(self) -> None:
+        while self.running:
+            for path in self.outbox.rglob("*") if self.outbox.exists() else []:
+                if path.is_dir():
+                    continue
+                if path.name.startswith(".") or not path.name.endswith(".png"):
+                    self.problems.append(f"unexpected name {path.name}")
+                    continue
+                try:
+                    with Image.open(path) as image:
+                        image.load()
+                except FileNotFoundError:
+                    continue
+                except Exception as exc:
+                    self.problems.append(f"{path.name}: {exc}")
+            self.looks += 1
+
+
+def test_kill_9_then_restart_publishes_each_file_once(
+    site: Site, photos: dict[str, np.ndarray]
+) -> None:
+    site.write_config()
+    names = drop(site.inbox, photo_jpegs(photos, 30))
+    watcher = OutboxWatcher(site.outbox)
+    watcher.start()
+    log = site.root / "log"
+    daemon = start(site.config, log=log)
+    try:
+        wait_for(lambda: len(site.files(site.done)) >= 4, 120, "the first files published")
+    finally:
+        kill(daemon)
+    assert len(site.files(site.done)) < 30, "the kill came too late to test anything"
+    assert run_once(site.config, log) == 0
+    watcher.running = False
+    watcher.join(10)
+    assert watcher.looks > 10
+    assert watcher.problems == []
+    assert site.files(site.done) == names
+    assert len(site.files(site.outbox)) == 60
+    assert site.visible_inbox_files() == []
+    rows = site.rows()
+    assert sorted(r["path"] for r in rows if r["outcome"] == "success") == names
+    assert all(r["outcome"] == "success" for r in rows)
+
+
+def test_two_daemons_share_one_inbox(site: Site, photos: dict[str, np.ndarray]) -> None:
+    site.write_config(settle_ms=500)
+    logs = [site.root / "log-a", site.root / "log-b"]
+    daemons = [start(site.config, log=log) for log in logs]
+    try:
+        for log in logs:
+            wait_serving(log)
+        names = drop(site.inbox, photo_jpegs(photos, 60, size=64))
+        wait_for(lambda: len(site.files(site.done)) == 60, 180, "60 files in done/")
+    finally:
+        codes = [stop(d) for d in daemons]
+    assert codes == [0, 0]
+    assert site.files(site.done) == names
+    assert len(site.files(site.outbox)) == 120
+    rows = site.rows()
+    assert sorted(r["path"] for r in rows) == names
+    assert all(r["outcome"] == "success" for r in rows)
+    published = [log.read_text().count("published in") for log in logs]
+    assert sum(published) == 60
+
+
+def test_sigterm_mid_run_finishes_or_returns_every_file(
+    site: Site, photos: dict[str, np.ndarray]
+) -> None:
+    site.write_config(daemon={"scan_interval_ms": 1000, "drain_timeout_ms": 20000, "workers": 2})
+    names = drop(site.inbox, photo_jpegs(photos, 40))
+    log = site.root / "log"
+    daemon = start(site.config, log=log)
+    wait_for(lambda: len(site.files(site.done)) >= 1, 120, "the first file published")
+    started = time.monotonic()
+    assert stop(daemon, timeout=25) == 0
+    assert time.monotonic() - started < 20
+    done, back = site.files(site.done), site.visible_inbox_files()
+    assert 0 < len(done) < 40
+    assert sorted(done + back) == names
+    assert site.files(site.inbox / ".hotfolder" / "work") == []
+    for relative in done:
+        assert_one_output_set(site, relative)
+    rows = site.rows()
+    assert sorted(r["path"] for r in rows) == done  # returned files left no journal row
