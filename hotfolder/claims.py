@@ -90,10 +90,11 @@ class ClaimStore:
 
     def open(self) -> None:
         self.mine.mkdir(parents=True, exist_ok=True)
-        self.heartbeat_file.parent.mkdir(parents=True, exist_ok=True)
         self.heartbeat()
 
     def heartbeat(self) -> None:
+        # mkdir each time: someone may have deleted and recreated the whole inbox.
+        self.heartbeat_file.parent.mkdir(parents=True, exist_ok=True)
         self.heartbeat_file.touch()
         self.heartbeat_at = time.monotonic()
 
@@ -112,7 +113,7 @@ class ClaimStore:
             return None
         job_id = uuid.uuid4().hex
         folder = self.mine / job_id
-        folder.mkdir()
+        folder.mkdir(parents=True)
         claim = Claim(job_id, self.inbox, relative, folder, size, detected_at, time.time())
         self._save(claim)
         try:

@@ -140,6 +140,15 @@ def stop(process: subprocess.Popen[bytes], timeout: float = 60) -> int:
     return process.wait(timeout=timeout)
 
 
+def dead_owner() -> str:
+    """A claim-owner name of this host whose process has already exited."""
+    code = "from hotfolder.claims import owner_name; print(owner_name())"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    return result.stdout.strip()
+
+
 def kill(process: subprocess.Popen[bytes]) -> None:
     os.kill(process.pid, signal.SIGKILL)
     process.wait(timeout=30)

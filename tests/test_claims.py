@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from hotfolder.claims import ClaimStore, owner_name
+
+from .daemon import dead_owner
 
 
 def store(inbox: Path, owner: str | None = None) -> ClaimStore:
     claims = ClaimStore("t", inbox, owner)
     claims.open()
     return claims
-
-
-def dead_owner() -> str:
-    """An owner name of this host whose process has exited."""
-    code = "from hotfolder.claims import owner_name; print(owner_name())"
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True).stdout.strip()  # fmt: skip
 
 
 def test_only_one_daemon_wins_a_file(tmp_path: Path) -> None:

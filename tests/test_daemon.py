@@ -12,6 +12,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from PIL import Image
 from . import corpus
 from .daemon import (
     Site,
+    dead_owner,
     kill,
     photo_jpegs,
     run_once,
@@ -258,3 +260,97 @@ def test_sigterm_mid_run_finishes_or_returns_every_file(
         assert_one_output_set(site, relative)
     rows = site.rows()
     assert sorted(r["path"] for r in rows) == done  # returned files left no journal row
+
+
+def test_inbox_deleted_and_recreated_keeps_working(
+    site: Site, photos: dict[str, np.ndarray]
+) -> None:
+    site.write_config()
+    images = photo_jpegs(photos, 2)
+    log = site.root / "log"
+    daemon = start(site.config, log=log)
+    try:
+        wait_serving(log)
+        corpus.write(site.inbox, "first.jpg", images[0])
+        wait_for(lambda: (site.done / "first.jpg").exists(), 60, "the first file")
+        shutil.rmtree(site.inbox)
+        site.inbox.mkdir()
+        corpus.write(site.inbox, "second.jpg", images[1])
+        wait_for(lambda: (site.done / "second.jpg").exists(), 60, "a file in the new inbox")
+    finally:
+        assert stop(daemon) == 0
+    assert "restarting it" in log.read_text()
+
+
+def test_a_failing_stage_stops_the_daemon_and_keeps_the_file(
+    site: Site, photos: dict[str, np.ndarray]
+) -> None:
+    site.write_config()
+    log = site.root / "log"
+    daemon = start(site.config, log=log)
+    wait_serving(log)
+    site.errors.rmdir()
+    site.errors.write_text("a file where the errors folder should be")
+    corpus.write(site.inbox, "notes.jpg", b"not a photo\n")
+    assert daemon.wait(timeout=60) == 1  # exits non-zero: systemd restarts it
+    assert "stage decode-" in log.read_text()
+    work = site.files(site.inbox / ".hotfolder" / "work")
+    assert any(path.endswith("/source") for path in work), "the file is kept"
+    site.errors.unlink()
+    assert run_once(site.config, log) == 0
+    report = json.loads((site.errors / "notes.jpg.error.json").read_text())
+    assert report["reason"] == "unsupported_format"
+    assert report["attempts"] == 2
+
+
+def test_a_file_that_keeps_crashing_the_daemon_goes_to_errors(
+    site: Site, photos: dict[str, np.ndarray]
+) -> None:
+    """Left behind by a daemon that died with it three times: the next one gives up on it."""
+    site.write_config()
+    folder = site.inbox / ".hotfolder" / "work" / dead_owner() / "0123456789abcdef"
+    corpus.write(folder, "source", photo_jpegs(photos, 1)[0])
+    record = {
+        "job_id": "0123456789abcdef", "inbox": "products", "relative": "shoes/boom.jpg",
+        "size": 1, "detected_at": 1.0, "claimed_at": 2.0, "attempts": 3, "outcome": "",
+    }  # fmt: skip
+    (folder / "job.json").write_text(json.dumps(record))
+    assert run_once(site.config, site.root / "log") == 0
+    report = json.loads((site.errors / "shoes/boom.jpg.error.json").read_text())
+    assert report["reason"] == "repeated_failure"
+    assert report["attempts"] == 3
+    assert (site.errors / "shoes/boom.jpg").is_file()
+    assert [r["outcome"] for r in site.rows()] == ["failed"]
+
+
+@pytest.fixture
+def tiny_outbox(site: Site) -> Iterator[Path]:
+    """The outbox on a 32 KiB tmpfs (needs root, as CI has): writes fail with ENOSPC."""
+    site.outbox.mkdir(parents=True)
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(site.outbox)],
+                           capture_output=True, text=True)  # fmt: skip
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    try:
+        yield site.outbox
+    finally:
+        subprocess.run(["umount", "-l", str(site.outbox)], check=False)
+
+
+def test_full_outbox_pauses_intake_and_loses_nothing(
+    site: Site, photos: dict[str, np.ndarray], tiny_outbox: Path
+) -> None:
+    site.write_config()
+    names = drop(site.inbox, photo_jpegs(photos, 3, size=256))
+    log = site.root / "log"
+    daemon = start(site.config, log=log)
+    try:
+        wait_for(lambda: b"intake paused" in log.read_bytes(), 60, "intake to pause")
+        wait_for(lambda: site.visible_inbox_files() == names, 30, "files back in the inbox")
+        assert site.files(site.done) == []
+        subprocess.run(["umount", "-l", str(tiny_outbox)], check=True)  # space is back
+        wait_for(lambda: site.files(site.done) == names, 90, "processing to resume")
+    finally:
+        assert stop(daemon) == 0
+    for name in names:
+        assert_one_output_set(site, name)
