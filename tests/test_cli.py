@@ -99,6 +99,21 @@ def test_check_refuses_cuda_without_a_gpu(tmp_path: Path) -> None:
     assert "model.device is 'cuda' but no CUDA GPU is available" in result.stderr
 
 
+def test_check_names_a_folder_that_cannot_be_created(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"model: {{weights: {WEIGHTS}}}\n"
+        "inboxes:\n"
+        f"  - {{name: a, path: {tmp_path}/in, outbox: {blocker}/out, done: {tmp_path}/d,"
+        f" errors: {tmp_path}/e}}\n"
+    )
+    result = hotfolder("check", "--config", str(config))
+    assert result.returncode == 2
+    assert "inboxes[0].outbox: cannot create" in result.stderr
+
+
 def test_config_from_the_environment(tmp_path: Path) -> None:
     config = tmp_path / "config.yaml"
     config.write_text("model: {nmae: u2netp}\n")

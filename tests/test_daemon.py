@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -101,6 +102,13 @@ def test_once_drains_the_inbox(site: Site, photos: dict[str, np.ndarray]) -> Non
             assert len(str(row["sha256"])) == 64
             assert row["batch_size"]
             assert row["published_at"] >= row["claimed_at"]
+    history = subprocess.run(
+        [sys.executable, "-m", "hotfolder", "history", "--config", str(site.config), "--failed"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    lines = history.stdout.splitlines()
+    assert len(lines) == 6  # a header and the five failures
+    assert any("bad/huge.png: too_many_pixels: is 100000×100000" in line for line in lines)
 
 
 def test_batches_fill_to_max_batch_size(site: Site, photos: dict[str, np.ndarray]) -> None:
