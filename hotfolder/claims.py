@@ -98,6 +98,12 @@ class ClaimStore:
         self.heartbeat_file.touch()
         self.heartbeat_at = time.monotonic()
 
+    def has_jobs(self) -> bool:
+        try:
+            return any(self.mine.iterdir())
+        except FileNotFoundError:
+            return False
+
     def close(self) -> None:
         """Forget this owner; only once every claim is finished or released."""
         with contextlib.suppress(OSError):

@@ -30,7 +30,7 @@ class UsageError(Exception):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.quiet, args.verbose)
+    setup_logging(args.quiet, args.verbose, args.log_format)
     try:
         return int(args.handler(args))
     except (UsageError, config.ConfigError, recipes.RecipeError) as exc:
@@ -46,24 +46,34 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hotfolder", description="Remove photo backgrounds in GPU batches."
     )
     parser.add_argument("--version", action="version", version=f"hotfolder {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    common.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    common.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="json: one JSON object per line, for log shippers",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="the daemon: watch the inboxes and process each file")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return subparsers.add_parser(name, help=help, parents=[common])
+
+    run = command("run", "the daemon: watch the inboxes and process each file")
     add_config_option(run)
     run.add_argument(
         "--once", action="store_true", help="process what is in the inboxes now, then exit"
     )
     run.set_defaults(handler=run_daemon)
 
-    history = commands.add_parser("history", help="recent jobs from the journal")
+    history = command("history", "recent jobs from the journal")
     add_config_option(history)
     history.add_argument("--failed", action="store_true", help="only jobs that failed")
     history.add_argument("--limit", type=int, default=20, help="how many jobs (default 20)")
     history.set_defaults(handler=run_history)
 
-    matte = commands.add_parser("matte", help="remove backgrounds from files or folders once")
+    matte = command("matte", "remove backgrounds from files or folders once")
     add_config_option(matte)
     matte.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="files or folders")
     matte.add_argument(
@@ -86,19 +96,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     matte.set_defaults(handler=run_matte)
 
-    check = commands.add_parser("check", help="validate the config, weights and device")
+    check = command("check", "validate the config, weights and device")
     add_config_option(check)
     check.set_defaults(handler=run_check)
 
-    weights = commands.add_parser("weights", help="manage model weights")
+    weights = command("weights", "manage model weights")
     weights_commands = weights.add_subparsers(dest="weights_command", required=True)
-    importer = weights_commands.add_parser("import", help="convert a rembg U²-Net ONNX model")
+    importer = weights_commands.add_parser(
+        "import", help="convert a rembg U²-Net ONNX model", parents=[common]
+    )
     importer.add_argument("onnx", type=Path, metavar="MODEL.onnx")
     importer.add_argument("--arch", required=True, help="architecture: u2netp or u2net")
     importer.add_argument("-o", "--output", type=Path, required=True, metavar="FILE.safetensors")
     importer.set_defaults(handler=run_weights_import)
 
-    evaluate = commands.add_parser("eval", help="measure matte quality on a pairs.csv dataset")
+    evaluate = command("eval", "measure matte quality on a pairs.csv dataset")
     add_config_option(evaluate)
     evaluate.add_argument("datasets", nargs="+", type=Path, metavar="DATASET_DIR")
     evaluate.add_argument(
@@ -118,11 +130,24 @@ def add_config_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def setup_logging(quiet: bool, verbose: bool) -> None:
+def setup_logging(quiet: bool, verbose: bool, log_format: str = "text") -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        renames = {"asctime": "time", "levelname": "level", "name": "logger"}
+        fields = "%(asctime)s %(levelname)s %(name)s %(message)s"
+        handler.setFormatter(JsonFormatter(fields, rename_fields=renames))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # Replace only a handler of ours from an earlier call; others (a test's capture) stay.
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == "hotfolder"]:
+        root.removeHandler(old)
+    handler.set_name("hotfolder")
+    root.addHandler(handler)
+    root.setLevel(level)
 
 
 def load_config(explicit: Path | None) -> config.Config:

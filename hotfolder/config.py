@@ -69,6 +69,7 @@ class DaemonConfig:
     drain_timeout_ms: int = 30_000  # SIGTERM: time to finish the in-flight batch
     workers: int = 0  # decode and encode threads each; 0: one per CPU core
     max_attempts: int = 3  # a file that fails (or crashes the daemon) this often goes to errors/
+    stall_timeout_ms: int = 120_000  # a stage that has not stepped for this long is unhealthy
 
 
 @dataclass(frozen=True)
@@ -128,9 +129,7 @@ def parse(raw: Any, base: Path, source: Path | None = None) -> Config:
         batching=_batching(top.get("batching", {})),
         limits=_limits(top.get("limits", {})),
         inboxes=inboxes,
-        metrics=MetricsConfig(
-            listen=_get(_section(top, "metrics"), "metrics.listen", str, MetricsConfig.listen)
-        ),
+        metrics=_metrics(top.get("metrics", {})),
         daemon=_daemon(top.get("daemon", {})),
         journal=_path(journal, "journal", base),
         source=source,
@@ -165,15 +164,35 @@ def _batching(raw: Any) -> BatchingConfig:
     )
 
 
+def _metrics(raw: Any) -> MetricsConfig:
+    section = _mapping(raw, "metrics")
+    _known(section, "metrics", {"listen"})
+    listen = _get(section, "metrics.listen", str, MetricsConfig.listen)
+    host, _, port = listen.rpartition(":")
+    if listen and not (host and port.isdigit() and int(port) < 65536):
+        raise ConfigError(
+            f"metrics.listen: {listen!r} is not host:port (e.g. 127.0.0.1:9108; '' turns it off)"
+        )
+    return MetricsConfig(listen=listen)
+
+
 def _daemon(raw: Any) -> DaemonConfig:
     section = _mapping(raw, "daemon")
-    _known(section, "daemon", {"scan_interval_ms", "drain_timeout_ms", "workers", "max_attempts"})
+    allowed = {
+        "scan_interval_ms",
+        "drain_timeout_ms",
+        "workers",
+        "max_attempts",
+        "stall_timeout_ms",
+    }
+    _known(section, "daemon", allowed)
     defaults = DaemonConfig()
     return DaemonConfig(
         scan_interval_ms=_positive(section, "daemon.scan_interval_ms", defaults.scan_interval_ms),
         drain_timeout_ms=_positive(section, "daemon.drain_timeout_ms", defaults.drain_timeout_ms),
         workers=_non_negative(section, "daemon.workers", defaults.workers),
         max_attempts=_positive(section, "daemon.max_attempts", defaults.max_attempts),
+        stall_timeout_ms=_positive(section, "daemon.stall_timeout_ms", defaults.stall_timeout_ms),
     )
 
 
@@ -273,12 +292,6 @@ def _mapping(raw: Any, key: str) -> Mapping[str, Any]:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{key}: expected a mapping of keys, got {type(raw).__name__}")
     return raw
-
-
-def _section(top: Mapping[str, Any], key: str) -> Mapping[str, Any]:
-    section = _mapping(top.get(key, {}), key)
-    _known(section, key, {"listen"})
-    return section
 
 
 def _list(section: Mapping[str, Any], key: str, parent: str = "") -> list[Any]:

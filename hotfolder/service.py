@@ -1,12 +1,14 @@
-"""The daemon: stage threads joined by bounded queues, signals, graceful drain.
+"""The daemon: stage threads joined by bounded queues, signals, health, graceful drain.
 
     intake (watch + claim) ─▶ claim queue ─▶ decode pool ─▶ decoded queue ─▶ engine (batches)
         ─▶ publish queue ─▶ publish pool ─▶ outbox/ + done/ | errors/
 
 Every queue is bounded, so a backlog of 100 000 files stays in the inbox, not in memory: the
 intake claims a file only when the claim queue has room. Each stage is one loop around a
-``step``; a stage thread that dies stops the process with a non-zero exit code, so systemd
-restarts it rather than leaving a zombie that accepts files. Signal handlers only set flags.
+``step`` that never blocks for long; a stage thread that dies stops the process with a non-zero
+exit code, and a stage that stops stepping makes the health check fail and the systemd watchdog
+pings stop, so systemd restarts it rather than leaving a zombie that accepts files. Signal
+handlers only set flags; SIGHUP re-reads the config in the intake thread.
 """
 
 from __future__ import annotations
@@ -17,38 +19,54 @@ import hashlib
 import logging
 import os
 import queue
+import shutil
 import signal
 import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
 from types import FrameType
 from typing import Any
 
 import numpy as np
+import torch
 
-from hotfolder import __version__, imaging, publish, recipes
-from hotfolder.claims import Claim, ClaimStore
+from hotfolder import __version__, config, imaging, publish, recipes
+from hotfolder.claims import Claim
 from hotfolder.collect import STOP, Stop, collect
-from hotfolder.config import Config, InboxConfig
 from hotfolder.engine import MattingEngine
+from hotfolder.inboxes import Inbox, InboxSet
 from hotfolder.jobs import ImageError, Reason
 from hotfolder.journal import Journal
-from hotfolder.watch import InboxWatcher, Ready
+from hotfolder.metrics import Metrics, MetricsServer
+from hotfolder.systemd import Notifier
+from hotfolder.watch import Ready
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED = 0, 1
 # Errors that say the machine, not the file, is in trouble: stop intake, keep the file.
-OPERATIONAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.ENOTCONN,
-                      errno.ESTALE, errno.EACCES, errno.EPERM}  # fmt: skip
+PAUSE_REASONS = {
+    errno.ENOSPC: "disk_full",
+    errno.EDQUOT: "disk_full",
+    errno.EROFS: "read_only",
+    errno.EACCES: "read_only",
+    errno.EPERM: "read_only",
+    errno.EIO: "io_error",
+    errno.ENOTCONN: "io_error",
+    errno.ESTALE: "io_error",
+}
+# Config sections a SIGHUP cannot change in a running process (inboxes, outputs, batching and
+# limits apply at once).
+RESTART_ONLY = ("model", "daemon", "metrics", "journal")
 PAUSE_SECONDS = 10.0
 INTAKE_TICK = 0.05
-HEARTBEAT_SECONDS = 5.0
+QUEUE_POLL = 1.0  # a stage waiting for work still steps this often (it proves it is alive)
+HOUSEKEEPING_SECONDS = 5.0  # heartbeats, disk space, GPU memory
 
 
 @dataclass(frozen=True)
@@ -57,6 +75,8 @@ class Decoded:
     claim: Claim
     picture: imaging.Picture
     sha256: str
+    decode_seconds: float
+    decoded_at: float  # monotonic
 
 
 @dataclass(frozen=True)
@@ -64,44 +84,28 @@ class Inferred:
     decoded: Decoded
     alpha: np.ndarray
     batch_size: int
-
-
-class Inbox:
-    """One configured inbox at run time: its watcher and its claims."""
-
-    def __init__(self, config: InboxConfig, scan_interval: float, observe: bool) -> None:
-        self.config = config
-        self.watcher = InboxWatcher(config, scan_interval, observe=observe)
-        self.claims = ClaimStore(config.name, config.path)
-
-    def start(self) -> None:
-        self.watcher.start()
-        self.claims.open()
-
-    def stop(self) -> None:
-        self.watcher.stop()
-        self.claims.close()
+    queue_seconds: float
+    inference_seconds: float
 
 
 class Service:
     def __init__(
         self,
-        config: Config,
+        cfg: config.Config,
         engine: MattingEngine,
         once: bool = False,
-        notify: Callable[[str], None] = lambda state: None,
+        metrics: Metrics | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
-        self.config = config
+        self.config = cfg
         self.engine = engine
         self.once = once
-        self.notify = notify
-        daemon = config.daemon
-        batch = config.batching.max_batch_size
-        self.workers = daemon.workers or os.cpu_count() or 2
-        self.inboxes = [
-            Inbox(c, daemon.scan_interval_ms / 1000, observe=not once) for c in config.inboxes
-        ]
-        self.journal = Journal(config.journal)
+        self.metrics = metrics or Metrics()
+        self.notifier = notifier or Notifier()
+        batch = cfg.batching.max_batch_size
+        self.workers = cfg.daemon.workers or os.cpu_count() or 2
+        self.inboxes = InboxSet(self._make_inbox)
+        self.journal = Journal(cfg.journal)
         self.claim_queue: queue.Queue[tuple[Inbox, Claim] | Stop] = queue.Queue(batch)
         self.decoded_queue: queue.Queue[Decoded | Stop] = queue.Queue(2 * batch)
         self.publish_queue: queue.Queue[Inferred | Stop] = queue.Queue(2 * batch)
@@ -109,43 +113,115 @@ class Service:
         self.recovered: deque[tuple[Inbox, Claim]] = deque()
         self.stopping = threading.Event()  # stop taking new work
         self.stop_requested = threading.Event()  # set by signals, or when --once is done
+        self.reload_requested = threading.Event()
         self.fatal: BaseException | None = None
         self.in_flight = 0
         self.in_flight_lock = threading.Lock()
         self.paused_until = 0.0
         self.scanned_once = False
         self.threads: list[threading.Thread] = []
+        self.last_step: dict[str, float] = {}
+        self.next_housekeeping = 0.0
         self.host = socket.gethostname()
+        self.server: MetricsServer | None = None
+
+    def _make_inbox(self, inbox_config: config.InboxConfig) -> Inbox:
+        self.metrics.add_inbox(inbox_config.name)
+        return Inbox(
+            inbox_config,
+            self.config.daemon.scan_interval_ms / 1000,
+            observe=not self.once,
+            on_detected=self._detected,
+            on_restart=lambda name: self.metrics.observer_restarts.labels(name).inc(),
+        )
+
+    def _detected(self, inbox: str, by_scan: bool) -> None:
+        self.metrics.detected.labels(inbox).inc()
+        if by_scan:
+            self.metrics.found_by_scan.labels(inbox).inc()
 
     # ----- lifecycle -------------------------------------------------------------------
 
     def run(self) -> int:
         """Start, serve until a signal (or, with --once, until the inboxes are empty), drain."""
         self._install_signal_handlers()
-        for inbox in self.inboxes:
-            inbox.start()
+        self._describe_model()
+        self.inboxes.start(self.config.inboxes)
+        self._start_metrics_server()
         self._recover()
         self._start_threads()
-        self.notify("READY=1")
-        log.info("hotfolder %s serving %d inbox(es)", __version__, len(self.inboxes))
-        while not self.stop_requested.wait(0.2):
-            if self.fatal is not None:
-                break
-        self.notify("STOPPING=1")
+        self.notifier.notify("READY=1")
+        log.info("hotfolder %s serving %d inbox(es)", __version__, len(self.inboxes.active))
+        self._supervise()
+        self.notifier.notify("STOPPING=1")
+        self.metrics.ready.set(0)
         drained = self._drain()
         self.journal.close()
+        if self.server is not None:
+            self.server.stop()
         if self.fatal is not None:
             log.critical("stopped because a stage failed: %r", self.fatal)
             return EXIT_FAILED
         return EXIT_OK if drained else EXIT_FAILED
 
+    def _describe_model(self) -> None:
+        self.metrics.build.info({"version": __version__, "model": self.config.model.name})
+        self.metrics.device.info(
+            {"device": str(self.engine.device), "precision": self.engine.precision}
+        )
+        self.metrics.model_load.set(self.engine.load_seconds)
+        self.metrics.model_warmup.set(self.engine.warmup_seconds)
+
+    def _start_metrics_server(self) -> None:
+        listen = self.config.metrics.listen
+        if listen and not self.once:
+            self.server = MetricsServer(listen, self.metrics, self.health, self.readiness)
+            self.server.start()
+
     def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
         def request_stop(signum: int, frame: FrameType | None) -> None:
             self.stop_requested.set()
 
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, request_stop)
-            signal.signal(signal.SIGINT, request_stop)
+        def request_reload(signum: int, frame: FrameType | None) -> None:
+            self.reload_requested.set()
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+        signal.signal(signal.SIGHUP, request_reload)
+
+    def _supervise(self) -> None:
+        """The main thread: readiness, and systemd watchdog pings only while healthy."""
+        last_ping = 0.0
+        while not self.stop_requested.wait(0.2):
+            if self.fatal is not None:
+                return
+            healthy, _ = self.health()
+            ready, _ = self.readiness()
+            self.metrics.ready.set(int(healthy and ready))
+            interval = self.notifier.watchdog_interval
+            now = time.monotonic()
+            if interval and healthy and now - last_ping >= interval:
+                self.notifier.notify("WATCHDOG=1")
+                last_ping = now
+
+    def health(self) -> tuple[bool, dict[str, object]]:
+        """Every stage thread alive and stepping, every watcher alive."""
+        now = time.monotonic()
+        limit = self.config.daemon.stall_timeout_ms / 1000
+        dead = [t.name for t in self.threads if not t.is_alive()]
+        stalled = [name for name, at in self.last_step.items() if now - at > limit]
+        watchers = [i.config.name for i in self.inboxes.active if not i.watcher.healthy()]
+        ok = bool(self.threads) and not dead and not stalled and not watchers
+        return ok, {"dead": dead, "stalled": stalled, "watchers_down": watchers}
+
+    def readiness(self) -> tuple[bool, dict[str, object]]:
+        """Model loaded and warm, intake open."""
+        paused = time.monotonic() < self.paused_until
+        ok = self.engine.warmup_seconds > 0 and not paused and not self.stopping.is_set()
+        return ok, {"paused": paused, "stopping": self.stopping.is_set()}
 
     def _start_threads(self) -> None:
         stages: list[tuple[str, Callable[[], bool]]] = [("intake", self._intake_step)]
@@ -154,6 +230,7 @@ class Service:
         stages += [(f"publish-{i}", self._publish_step) for i in range(self.workers)]
         for name, step in stages:
             thread = threading.Thread(target=self._loop, args=(name, step), name=name, daemon=True)
+            self.last_step[name] = time.monotonic()
             thread.start()
             self.threads.append(thread)
 
@@ -161,12 +238,14 @@ class Service:
         """One loop, many steps: run ``step`` until it says the stage is finished."""
         try:
             while step():
-                pass
+                self.last_step[name] = time.monotonic()
         except BaseException as exc:
             log.exception("stage %s failed", name)
             self.fatal = exc
             self.stopping.set()
             self.stop_requested.set()
+        finally:
+            self.last_step.pop(name, None)
 
     def _drain(self) -> bool:
         """Stop intake, finish the in-flight batch, give unstarted claims back; within the
@@ -192,13 +271,12 @@ class Service:
         if alive:
             log.error("drain timeout: still running: %s", ", ".join(alive))
             return False
-        for inbox in self.inboxes:
-            inbox.stop()
+        self.inboxes.stop()
         log.info("stopped cleanly")
         return True
 
     def _recover(self) -> None:
-        for inbox in self.inboxes:
+        for inbox in self.inboxes.active:
             for claim in inbox.claims.recover():
                 log.info("%s/%s: resuming a job left by a stopped daemon", inbox.config.name,
                          claim.relative)  # fmt: skip
@@ -219,21 +297,29 @@ class Service:
     def _count(self, delta: int) -> None:
         with self.in_flight_lock:
             self.in_flight += delta
+            self.metrics.in_flight.set(self.in_flight)
 
     # ----- intake ----------------------------------------------------------------------
 
     def _intake_step(self) -> bool:
         if self.stopping.is_set():
             return False
+        if self.reload_requested.is_set():
+            self.reload_requested.clear()
+            self._reload()
         now = time.monotonic()
-        for inbox in self.inboxes:
+        for inbox in self.inboxes.active:
             for ready in inbox.watcher.step(now):
                 self.ready.append((inbox, ready))
-            if now - inbox.claims.heartbeat_at > HEARTBEAT_SECONDS:
-                inbox.claims.heartbeat()
         self.scanned_once = True
         if now >= self.paused_until:
+            for reason in PAUSE_REASONS.values():
+                self.metrics.paused.labels(reason).set(0)
             self._feed_claims()
+        self._observe_backlog()
+        if now >= self.next_housekeeping:
+            self.next_housekeeping = now + HOUSEKEEPING_SECONDS
+            self._housekeeping()
         if self.once and self._idle():
             self.stop_requested.set()
             return False
@@ -253,18 +339,73 @@ class Service:
             self._begin(claim)
             self.claim_queue.put((inbox, claim))
 
+    def _observe_backlog(self) -> None:
+        """Files seen but not claimed yet: settling in the watcher, or ready and waiting for
+        room in the pipeline."""
+        now = time.time()
+        for inbox in self.inboxes.active:
+            ready = [r.detected_at for i, r in self.ready if i is inbox]
+            settling = inbox.watcher.oldest_detected()
+            oldest = min([*ready, *([settling] if settling is not None else [])], default=now)
+            name = inbox.config.name
+            self.metrics.pending.labels(name).set(len(inbox.watcher.pending) + len(ready))
+            self.metrics.oldest_pending.labels(name).set(now - oldest)
+
+    def _housekeeping(self) -> None:
+        self.inboxes.heartbeat()
+        self.inboxes.close_retired(lambda inbox: inbox.claims.has_jobs())
+        for inbox in self.inboxes.active:
+            cfg = inbox.config
+            for folder, path in (("inbox", cfg.path), ("outbox", cfg.outbox),
+                                 ("done", cfg.done), ("errors", cfg.errors)):  # fmt: skip
+                if path is not None:
+                    with contextlib.suppress(OSError):
+                        free = shutil.disk_usage(path).free
+                        self.metrics.disk_free.labels(cfg.name, folder).set(free)
+        if self.engine.device.type == "cuda":
+            gpu = self.engine.device
+            self.metrics.gpu_memory.labels("allocated").set(torch.cuda.memory_allocated(gpu))
+            self.metrics.gpu_memory.labels("reserved").set(torch.cuda.memory_reserved(gpu))
+
     def _idle(self) -> bool:
         with self.in_flight_lock:
             busy = self.in_flight
-        pending = any(inbox.watcher.pending for inbox in self.inboxes)
-        return (
-            self.scanned_once and not busy and not pending and not self.ready and not self.recovered
-        )
+        pending = any(inbox.watcher.pending for inbox in self.inboxes.active)
+        waiting = self.ready or self.recovered
+        return self.scanned_once and not busy and not pending and not waiting
+
+    def _reload(self) -> None:
+        """SIGHUP: apply a new config, or refuse it and keep the running one."""
+        source = self.config.source
+        try:
+            if source is None:
+                raise config.ConfigError("the daemon was started without a config file")
+            new = config.load(source)
+            config.ensure_folders(new)
+        except config.ConfigError as exc:
+            log.error("config reload refused, the running config stays: %s", exc)
+            self.metrics.reloads.labels("failure").inc()
+            self.metrics.reload_ok.set(0)
+            return
+        changed = [s for s in RESTART_ONLY if getattr(new, s) != getattr(self.config, s)]
+        if changed:
+            log.warning(
+                "config reload: changes to %s apply at the next restart", ", ".join(changed)
+            )
+        self.config = replace(new, **{s: getattr(self.config, s) for s in RESTART_ONLY})
+        self.inboxes.apply(new.inboxes)
+        self.ready = deque((i, r) for i, r in self.ready if i in self.inboxes.active)
+        self.metrics.reloads.labels("success").inc()
+        self.metrics.reload_ok.set(1)
+        log.info("config reloaded from %s: %d inbox(es)", source, len(self.inboxes.active))
 
     # ----- decode ----------------------------------------------------------------------
 
     def _decode_step(self) -> bool:
-        item = self.claim_queue.get()
+        try:
+            item = self.claim_queue.get(timeout=QUEUE_POLL)
+        except queue.Empty:
+            return True
         if isinstance(item, Stop):
             return False
         inbox, claim = item
@@ -277,22 +418,25 @@ class Service:
             return True
         claim = inbox.claims.record_attempt(claim)
         self.journal.update(claim.job_id, attempts=claim.attempts)
+        started = time.monotonic()
         try:
             data = imaging.read_file(claim.source, self.config.limits.max_bytes)
             picture = imaging.decode(data, self.config.limits.max_pixels)
         except ImageError as exc:
             self._reject(inbox, claim, exc.reason, exc.message)
             return True
-        decoded = Decoded(inbox, claim, picture, hashlib.sha256(data).hexdigest())
-        while True:
-            if self.stopping.is_set():
-                self._release(inbox, claim)
-                return True
+        decoded_at = time.monotonic()
+        digest = hashlib.sha256(data).hexdigest()
+        decoded = Decoded(inbox, claim, picture, digest, decoded_at - started, decoded_at)
+        self.metrics.stage.labels("decode").observe(decoded.decode_seconds)
+        while not self.stopping.is_set():
             try:
                 self.decoded_queue.put(decoded, timeout=0.2)
                 return True
             except queue.Full:
                 continue
+        self._release(inbox, claim)
+        return True
 
     # ----- engine ----------------------------------------------------------------------
 
@@ -314,27 +458,38 @@ class Service:
     def _infer(self, batch: list[Decoded]) -> list[Inferred]:
         """The batch through the model; if it fails, each item alone, so one bad file never
         fails its batch-mates."""
+        if not batch:
+            return []
+        started = time.monotonic()
         try:
             alphas = self.engine.predict([d.picture.rgb for d in batch])
-            results = [Inferred(d, a, len(batch)) for d, a in zip(batch, alphas, strict=True)]
+            pairs = list(zip(batch, alphas, strict=True))
+            sizes = [len(batch)] * len(batch)
         except Exception:
             if len(batch) == 1:
                 raise
             log.warning("batch of %d failed; retrying its files one by one", len(batch))
-            results = []
+            pairs, sizes = [], []
             for decoded in batch:
                 try:
-                    results.append(
-                        Inferred(decoded, self.engine.predict([decoded.picture.rgb])[0], 1)
-                    )
+                    pairs.append((decoded, self.engine.predict([decoded.picture.rgb])[0]))
+                    sizes.append(1)
                 except Exception as exc:
-                    self._reject(
-                        decoded.inbox, decoded.claim, Reason.INFERENCE, f"inference failed: {exc}"
-                    )
+                    self._reject(decoded.inbox, decoded.claim, Reason.INFERENCE,
+                                 f"inference failed: {exc}")  # fmt: skip
+        took = time.monotonic() - started
+        self.metrics.stage.labels("inference").observe(took)
+        self.metrics.batch_size.observe(len(batch))
+        self.metrics.executions.inc()
+        self.metrics.inferences.inc(len(batch))
         now, device = time.time(), str(self.engine.device)
-        for result in results:
-            job = result.decoded.claim.job_id
-            self.journal.update(job, inferred_at=now, batch_size=result.batch_size, device=device)
+        results = []
+        for (decoded, alpha), size in zip(pairs, sizes, strict=True):
+            waited = started - decoded.decoded_at
+            self.metrics.stage.labels("queue").observe(waited)
+            results.append(Inferred(decoded, alpha, size, waited, took))
+            self.journal.update(decoded.claim.job_id, inferred_at=now, batch_size=size,
+                                device=device)  # fmt: skip
         return results
 
     def _release_waiting(self) -> bool:
@@ -352,59 +507,102 @@ class Service:
     # ----- publish ---------------------------------------------------------------------
 
     def _publish_step(self) -> bool:
-        item = self.publish_queue.get()
+        try:
+            item = self.publish_queue.get(timeout=QUEUE_POLL)
+        except queue.Empty:
+            return True
         if isinstance(item, Stop):
             return False
         decoded = item.decoded
         inbox, claim = decoded.inbox, decoded.claim
-        config = inbox.config
-        folder = PurePosixPath(claim.relative).parent
-        stem, suffix = os.path.splitext(claim.name)
+        started = time.monotonic()
         try:
-            files = [
-                (config.outbox / folder / output.filename(stem, suffix),
-                 recipes.render(output, decoded.picture, item.alpha))
-                for output in config.outputs
-            ]  # fmt: skip
+            files = self._render(inbox, claim, decoded.picture, item.alpha)
         except (ValueError, ImageError) as exc:
             self._reject(inbox, claim, Reason.ENCODE, f"cannot encode outputs: {exc}")
             return True
+        encoded = time.monotonic()
+        self.metrics.stage.labels("encode").observe(encoded - started)
         try:
-            publish.place_outputs(files, claim.folder / "outputs", publish.DEFAULT_FILE_MODE)
-            claim = inbox.claims.record_outcome(claim, "success")
-            if config.done is not None:
-                target = publish.free_name(config.done / claim.relative, claim.job_id[:8])
-                publish.move_file(claim.source, target)
-            else:
-                os.unlink(claim.source)
+            claim = self._archive(inbox, claim, files)
         except OSError as exc:
-            if exc.errno not in OPERATIONAL_ERRNOS:
+            if exc.errno not in PAUSE_REASONS:
                 raise
             self._pause(inbox, claim, exc)
             return True
+        self.metrics.stage.labels("publish").observe(time.monotonic() - encoded)
         self.journal.update(claim.job_id, sha256=decoded.sha256,
                             outputs=[str(path) for path, _ in files])  # fmt: skip
-        self._close_archived(inbox, claim)
+        timings = {
+            "decode": decoded.decode_seconds, "queue": item.queue_seconds,
+            "inference": item.inference_seconds, "encode": encoded - started,
+            "publish": time.monotonic() - encoded,
+        }  # fmt: skip
+        self._close_archived(inbox, claim, timings, item.batch_size)
         return True
 
-    def _close_archived(self, inbox: Inbox, claim: Claim) -> None:
+    def _render(
+        self, inbox: Inbox, claim: Claim, picture: imaging.Picture, alpha: np.ndarray
+    ) -> list[tuple[Any, bytes]]:
+        cfg = inbox.config
+        folder = PurePosixPath(claim.relative).parent
+        stem, suffix = os.path.splitext(claim.name)
+        return [
+            (cfg.outbox / folder / output.filename(stem, suffix),
+             recipes.render(output, picture, alpha))
+            for output in cfg.outputs
+        ]  # fmt: skip
+
+    def _archive(self, inbox: Inbox, claim: Claim, files: list[tuple[Any, bytes]]) -> Claim:
+        """Outputs into the outbox, then (only then) the original out of the work folder."""
+        cfg = inbox.config
+        publish.place_outputs(files, claim.folder / "outputs", publish.DEFAULT_FILE_MODE)
+        claim = inbox.claims.record_outcome(claim, "success")
+        if cfg.done is not None:
+            target = publish.free_name(cfg.done / claim.relative, claim.job_id[:8])
+            publish.move_file(claim.source, target)
+        else:
+            os.unlink(claim.source)
+        return claim
+
+    def _close_archived(
+        self,
+        inbox: Inbox,
+        claim: Claim,
+        timings: dict[str, float] | None = None,
+        batch_size: int = 0,
+    ) -> None:
         """The original has left the work folder: record how the job ended and forget it."""
-        latency = time.time() - claim.detected_at
+        name = inbox.config.name
         if claim.outcome == "success":
-            self.journal.update(claim.job_id, outcome="success", published_at=time.time())
+            now = time.time()
+            latency = now - claim.detected_at
+            self.journal.update(claim.job_id, outcome="success", published_at=now)
+            self.metrics.processed.labels(name, "success").inc()
+            self.metrics.latency.labels(name).observe(latency)
+            self.metrics.last_success.labels(name).set(now)
+            stages = {k: round(v * 1000) for k, v in (timings or {}).items()}
+            detail = ", ".join(f"{k} {v}" for k, v in stages.items())
             log.info(
-                "%s/%s: published in %.0f ms", inbox.config.name, claim.relative, latency * 1000
-            )
+                "%s/%s: success in %.0f ms (%s ms; batch of %d)", name, claim.relative,
+                latency * 1000, detail, batch_size,
+                extra={"inbox": name, "path": claim.relative, "outcome": "success",
+                       "latency_ms": round(latency * 1000), "stages_ms": stages,
+                       "batch_size": batch_size, "job": claim.job_id},
+            )  # fmt: skip
         else:
             self.journal.update(claim.job_id, outcome="failed")
+            self.metrics.processed.labels(name, "failed").inc()
         inbox.claims.finish(claim)
         self._count(-1)
 
     def _pause(self, inbox: Inbox, claim: Claim, exc: OSError) -> None:
         """The outbox or archive cannot be written: keep the file, stop taking new ones for a
         while, and try again then."""
+        reason = PAUSE_REASONS[exc.errno or 0]
         log.error("%s/%s: cannot publish (%s); intake paused for %.0f s, the file is kept",
                   inbox.config.name, claim.relative, exc, PAUSE_SECONDS)  # fmt: skip
+        self.metrics.paused.labels(reason).set(1)
         self.paused_until = time.monotonic() + PAUSE_SECONDS
         if claim.outcome:
             claim = inbox.claims.record_outcome(claim, "")
@@ -422,12 +620,16 @@ class Service:
 
     def _reject(self, inbox: Inbox, claim: Claim, reason: Reason, message: str) -> None:
         """Move the file to errors/ with a sidecar saying why."""
-        config = inbox.config
-        log.warning("%s/%s: %s (%s)", config.name, claim.relative, message, reason.value)
-        target = publish.free_name(config.errors / claim.relative, claim.job_id[:8])
+        cfg = inbox.config
+        log.warning(
+            "%s/%s: failed: %s (%s)", cfg.name, claim.relative, message, reason.value,
+            extra={"inbox": cfg.name, "path": claim.relative, "outcome": "failed",
+                   "reason": reason.value, "attempts": claim.attempts, "job": claim.job_id},
+        )  # fmt: skip
+        target = publish.free_name(cfg.errors / claim.relative, claim.job_id[:8])
         report: dict[str, object] = {
             "file": claim.relative,
-            "inbox": config.name,
+            "inbox": cfg.name,
             "reason": reason.value,
             "message": f"{claim.name} {message}",
             "attempts": claim.attempts,
@@ -442,4 +644,5 @@ class Service:
         self.journal.update(
             claim.job_id, reason=reason.value, error=message, attempts=claim.attempts
         )
+        self.metrics.failures.labels(cfg.name, reason.value).inc()
         self._close_archived(inbox, claim)

@@ -17,7 +17,7 @@ import os
 import queue
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +105,8 @@ class InboxWatcher:
         config: InboxConfig,
         scan_interval: float,
         observe: bool = True,
+        on_detected: Callable[[bool], None] = lambda by_scan: None,
+        on_restart: Callable[[], None] = lambda: None,
         clock_start: float = 0.0,
     ) -> None:
         self.config = config
@@ -112,6 +114,8 @@ class InboxWatcher:
         self.settle = config.settle_ms / 1000
         self.scan_interval = scan_interval
         self.observe = observe
+        self.on_detected = on_detected
+        self.on_restart = on_restart
         self.pending: dict[str, Pending] = {}
         self.handed_out: set[str] = set()  # ready, until the service says it tried to claim it
         self.hints: queue.SimpleQueue[str] = queue.SimpleQueue()
@@ -154,12 +158,17 @@ class InboxWatcher:
         except FileNotFoundError:
             return False
 
+    def oldest_detected(self) -> float | None:
+        """Wall-clock detection time of the oldest file still waiting, if any."""
+        return min((p.detected_at for p in self.pending.values()), default=None)
+
     def restart_observer(self) -> None:
         log.warning(
             "inbox %s: watcher stopped (folder gone or replaced); restarting it", self.config.name
         )
         self.stop()
         self.observer_restarts += 1
+        self.on_restart()
         self.start()
         self.hints.put(RESCAN)
 
@@ -219,6 +228,7 @@ class InboxWatcher:
             return
         if by_scan:
             self.found_by_scan += 1
+        self.on_detected(by_scan)
         self.pending[key] = Pending(info.st_size, info.st_mtime_ns, now, time.time(), by_scan)
 
     def _settled(self, now: float) -> list[Ready]:

@@ -55,6 +55,7 @@ class Site:
             "batching": {"max_batch_size": 8, "max_wait_ms": 50},
             "daemon": {"scan_interval_ms": 1000, "drain_timeout_ms": 30000, "workers": 2},
             "journal": str(self.journal),
+            "metrics": {"listen": "127.0.0.1:0"},  # any free port; the log says which
             "inboxes": [
                 {
                     "name": "products",

@@ -245,7 +245,7 @@ def test_two_daemons_share_one_inbox(site: Site, photos: dict[str, np.ndarray]) 
     rows = site.rows()
     assert sorted(r["path"] for r in rows) == names
     assert all(r["outcome"] == "success" for r in rows)
-    published = [log.read_text().count("published in") for log in logs]
+    published = [log.read_text().count(": success in ") for log in logs]
     assert sum(published) == 60
 
 
