@@ -7,6 +7,7 @@ Exit codes: 0 success; 1 some files failed (``matte``) or the check found a prob
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -64,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_option(run)
     run.add_argument(
         "--once", action="store_true", help="process what is in the inboxes now, then exit"
+    )
+    run.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="override metrics.listen (each daemon on a host needs its own port)",
     )
     run.set_defaults(handler=run_daemon)
 
@@ -181,6 +187,9 @@ def run_daemon(args: argparse.Namespace) -> int:
     from hotfolder.service import Service
 
     cfg = load_config(args.config)
+    if args.metrics_listen is not None:
+        raw = {"metrics": {"listen": args.metrics_listen}}
+        cfg = dataclasses.replace(cfg, metrics=config.parse(raw, base=Path.cwd()).metrics)
     if not cfg.inboxes:
         raise UsageError(f"{cfg.source or 'config'}: no inboxes configured; add one under inboxes:")
     config.ensure_folders(cfg)

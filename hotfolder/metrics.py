@@ -25,6 +25,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from hotfolder.jobs import Reason
+
 log = logging.getLogger(__name__)
 
 STAGES = ("decode", "queue", "inference", "encode", "publish")
@@ -149,6 +151,8 @@ class Metrics:
         """Create an inbox's series up front, so dashboards show zeros rather than gaps."""
         for outcome in ("success", "failed"):
             self.processed.labels(name, outcome)
+        for reason in Reason:
+            self.failures.labels(name, reason.value)
         self.detected.labels(name)
         self.found_by_scan.labels(name)
         self.pending.labels(name)

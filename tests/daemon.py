@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from . import corpus
 from .conftest import ROOT, WEIGHTS
@@ -153,3 +157,35 @@ def dead_owner() -> str:
 def kill(process: subprocess.Popen[bytes]) -> None:
     os.kill(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
+
+
+def metrics_url(log: Path, timeout: float = 60) -> str:
+    """The daemon's metrics address, from its start-up log line (it listens on port 0)."""
+    pattern = re.compile(rb"metrics on (http://[\d.]+:\d+)/metrics")
+    found: list[str] = []
+
+    def announced() -> bool:
+        match = pattern.search(log.read_bytes()) if log.exists() else None
+        if match:
+            found.append(match.group(1).decode())
+        return bool(match)
+
+    wait_for(announced, timeout, "the metrics server")
+    return found[0]
+
+
+def http_get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def metric_value(exposition: str, name: str, **labels: str) -> float:
+    """One sample of a Prometheus text exposition, by name and labels."""
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    raise AssertionError(f"{name}{labels} not in the exposition")
