@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("hotfolder")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+CONFIG_HELP = f"config file (default: ${config.CONFIG_ENV}, else ./config.yaml)"
 
 
 class UsageError(Exception):
@@ -58,11 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, help: str) -> argparse.ArgumentParser:
-        return subparsers.add_parser(name, help=help, parents=[common])
+    def command(name: str, help: str, with_config: bool = True) -> argparse.ArgumentParser:
+        parser = subparsers.add_parser(name, help=help, parents=[common])
+        if with_config:
+            parser.add_argument("-c", "--config", type=Path, help=CONFIG_HELP)
+        return parser
 
     run = command("run", "the daemon: watch the inboxes and process each file")
-    add_config_option(run)
     run.add_argument(
         "--once", action="store_true", help="process what is in the inboxes now, then exit"
     )
@@ -74,13 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=run_daemon)
 
     history = command("history", "recent jobs from the journal")
-    add_config_option(history)
     history.add_argument("--failed", action="store_true", help="only jobs that failed")
     history.add_argument("--limit", type=int, default=20, help="how many jobs (default 20)")
     history.set_defaults(handler=run_history)
 
     matte = command("matte", "remove backgrounds from files or folders once")
-    add_config_option(matte)
     matte.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="files or folders")
     matte.add_argument(
         "-o",
@@ -103,10 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     matte.set_defaults(handler=run_matte)
 
     check = command("check", "validate the config, weights and device")
-    add_config_option(check)
     check.set_defaults(handler=run_check)
 
-    weights = command("weights", "manage model weights")
+    weights = command("weights", "manage model weights", with_config=False)
     weights_commands = weights.add_subparsers(dest="weights_command", required=True)
     importer = weights_commands.add_parser(
         "import", help="convert a rembg U²-Net ONNX model", parents=[common]
@@ -117,7 +117,6 @@ def build_parser() -> argparse.ArgumentParser:
     importer.set_defaults(handler=run_weights_import)
 
     evaluate = command("eval", "measure matte quality on a pairs.csv dataset")
-    add_config_option(evaluate)
     evaluate.add_argument("datasets", nargs="+", type=Path, metavar="DATASET_DIR")
     evaluate.add_argument(
         "--flip-average", action="store_true", help="average each prediction with its mirror image"
@@ -125,15 +124,6 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", type=Path, help="also write the scores to this file")
     evaluate.set_defaults(handler=run_eval)
     return parser
-
-
-def add_config_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "-c",
-        "--config",
-        type=Path,
-        help=f"config file (default: ${config.CONFIG_ENV}, else ./config.yaml)",
-    )
 
 
 def setup_logging(quiet: bool, verbose: bool, log_format: str = "text") -> None:

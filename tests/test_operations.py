@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,11 +23,6 @@ from .daemon import (
 )
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture
-def site(tmp_path: Path) -> Site:
-    return Site(tmp_path / "site")
 
 
 def test_metrics_health_and_readiness(site: Site, photos: dict[str, np.ndarray]) -> None:
