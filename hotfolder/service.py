@@ -456,27 +456,11 @@ class Service:
         return not stopped
 
     def _infer(self, batch: list[Decoded]) -> list[Inferred]:
-        """The batch through the model; if it fails, each item alone, so one bad file never
-        fails its batch-mates."""
+        """The batch through the model, with its metrics and journal entries."""
         if not batch:
             return []
         started = time.monotonic()
-        try:
-            alphas = self.engine.predict([d.picture.rgb for d in batch])
-            pairs = list(zip(batch, alphas, strict=True))
-            sizes = [len(batch)] * len(batch)
-        except Exception:
-            if len(batch) == 1:
-                raise
-            log.warning("batch of %d failed; retrying its files one by one", len(batch))
-            pairs, sizes = [], []
-            for decoded in batch:
-                try:
-                    pairs.append((decoded, self.engine.predict([decoded.picture.rgb])[0]))
-                    sizes.append(1)
-                except Exception as exc:
-                    self._reject(decoded.inbox, decoded.claim, Reason.INFERENCE,
-                                 f"inference failed: {exc}")  # fmt: skip
+        pairs, sizes = self._predict(batch)
         took = time.monotonic() - started
         self.metrics.stage.labels("inference").observe(took)
         self.metrics.batch_size.observe(len(batch))
@@ -491,6 +475,39 @@ class Service:
             self.journal.update(decoded.claim.job_id, inferred_at=now, batch_size=size,
                                 device=device)  # fmt: skip
         return results
+
+    def _predict(self, batch: list[Decoded]) -> tuple[list[tuple[Decoded, np.ndarray]], list[int]]:
+        """(file, alpha) pairs and the batch size each ran in. If the batch fails, each file
+        runs alone, so one bad file never fails its batch-mates. Files that fail alone go to
+        errors/, unless the model fails its self-check too: then the device is at fault, the
+        files go back to the inbox untouched and the stage stops (the process exits 1)."""
+        try:
+            alphas = self.engine.predict([d.picture.rgb for d in batch])
+            return list(zip(batch, alphas, strict=True)), [len(batch)] * len(batch)
+        except Exception as exc:
+            log.warning("batch of %d failed (%s); retrying its files one by one", len(batch), exc)
+        pairs, failed = [], []
+        for decoded in batch:
+            try:
+                pairs.append((decoded, self.engine.predict([decoded.picture.rgb])[0]))
+            except Exception as exc:
+                failed.append((decoded, exc))
+        if failed and not self._engine_works():
+            for decoded, _ in failed:
+                self._release(decoded.inbox, decoded.claim)
+            raise RuntimeError("the model fails on a blank image too") from failed[0][1]
+        for decoded, error in failed:
+            message = f"inference failed: {error}"
+            self._reject(decoded.inbox, decoded.claim, Reason.INFERENCE, message)
+        return pairs, [1] * len(pairs)
+
+    def _engine_works(self) -> bool:
+        try:
+            self.engine.predict([np.zeros((32, 32, 3), np.uint8)])
+        except Exception:
+            log.exception("model self-check failed")
+            return False
+        return True
 
     def _release_waiting(self) -> bool:
         """Stopping: decoded files that no batch took yet go back to their inbox. True if the
