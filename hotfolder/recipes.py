@@ -43,6 +43,9 @@ class Output:
     background: tuple[int, int, int] = (255, 255, 255)
     quality: int = 92  # JPEG
     compression: int = 3  # PNG, 0–9: higher is smaller and slower
+    # Cutouts: black out the colour of fully transparent pixels. Nobody sees it, and the PNG is
+    # about a third smaller and faster to write; false keeps the photo's colours underneath.
+    clear_transparent: bool = True
 
     def __post_init__(self) -> None:
         # Fill the per-kind defaults so every Output is complete once built.
@@ -90,7 +93,15 @@ def parse_colour(value: str) -> tuple[int, int, int]:
 def parse_output(raw: Any, key: str) -> Output:
     if not isinstance(raw, Mapping):
         raise RecipeError(f"{key}: expected a mapping such as {{kind: cutout}}")
-    allowed = {"kind", "format", "name", "background", "quality", "compression"}
+    allowed = {
+        "kind",
+        "format",
+        "name",
+        "background",
+        "quality",
+        "compression",
+        "clear_transparent",
+    }
     for name in raw:
         if name not in allowed:
             raise RecipeError(f"{key}.{name}: unknown key; known: {', '.join(sorted(allowed))}")
@@ -114,7 +125,10 @@ def parse_output(raw: Any, key: str) -> Output:
         raise RecipeError(f"{key}.quality: JPEG quality is 1–100, got {quality!r}")
     if not isinstance(compression, int) or not 0 <= compression <= 9:
         raise RecipeError(f"{key}.compression: PNG compression is 0–9, got {compression!r}")
-    return Output(kind, fmt, name, background, quality, compression)
+    clear = raw.get("clear_transparent", True)
+    if not isinstance(clear, bool):
+        raise RecipeError(f"{key}.clear_transparent: true or false, got {clear!r}")
+    return Output(kind, fmt, name, background, quality, compression, clear)
 
 
 def _check_template(name: str, key: str) -> None:
@@ -150,7 +164,10 @@ def render(output: Output, picture: imaging.Picture, alpha: np.ndarray) -> bytes
             return imaging.encode_jpeg(np.repeat(alpha[:, :, None], 3, axis=2), output.quality)
         return imaging.encode_png(alpha, output.compression)
     if output.kind == Kind.CUTOUT:
-        return imaging.encode_png(np.dstack((picture.rgb, alpha)), output.compression)
+        rgba = np.dstack((picture.rgb, alpha))
+        if output.clear_transparent:
+            rgba[alpha == 0] = 0
+        return imaging.encode_png(rgba, output.compression)
     flat = composite(picture.rgb, alpha, output.background)
     if output.format == "jpg":
         return imaging.encode_jpeg(flat, output.quality)

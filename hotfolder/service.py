@@ -272,6 +272,9 @@ class Service:
             log.error("drain timeout: still running: %s", ", ".join(alive))
             return False
         self.inboxes.stop()
+        if self.engine.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.engine.device)
+            log.info("peak GPU memory %d MiB", peak // 2**20)
         log.info("stopped cleanly")
         return True
 

