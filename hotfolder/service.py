@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from types import FrameType
 from typing import Any
 
@@ -563,7 +563,7 @@ class Service:
 
     def _render(
         self, inbox: Inbox, claim: Claim, picture: imaging.Picture, alpha: np.ndarray
-    ) -> list[tuple[Any, bytes]]:
+    ) -> list[tuple[Path, bytes]]:
         cfg = inbox.config
         folder = PurePosixPath(claim.relative).parent
         stem, suffix = os.path.splitext(claim.name)
@@ -573,7 +573,7 @@ class Service:
             for output in cfg.outputs
         ]  # fmt: skip
 
-    def _archive(self, inbox: Inbox, claim: Claim, files: list[tuple[Any, bytes]]) -> Claim:
+    def _archive(self, inbox: Inbox, claim: Claim, files: list[tuple[Path, bytes]]) -> Claim:
         """Outputs into the outbox, then (only then) the original out of the work folder."""
         cfg = inbox.config
         publish.place_outputs(files, claim.folder / "outputs", publish.DEFAULT_FILE_MODE)

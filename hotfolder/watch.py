@@ -69,14 +69,12 @@ class Pending:
     mtime_ns: int
     unchanged_since: float  # on the step clock (monotonic)
     detected_at: float  # wall-clock time, for the journal and latency
-    found_by_scan: bool
 
 
 @dataclass(frozen=True)
 class Ready:
     relative: str
     detected_at: float
-    found_by_scan: bool
 
 
 class _Hints(FileSystemEventHandler):
@@ -229,7 +227,7 @@ class InboxWatcher:
         if by_scan:
             self.found_by_scan += 1
         self.on_detected(by_scan)
-        self.pending[key] = Pending(info.st_size, info.st_mtime_ns, now, time.time(), by_scan)
+        self.pending[key] = Pending(info.st_size, info.st_mtime_ns, now, time.time())
 
     def _settled(self, now: float) -> list[Ready]:
         ready = []
@@ -244,7 +242,7 @@ class InboxWatcher:
             if now - seen.unchanged_since >= self.settle:
                 del self.pending[key]
                 self.handed_out.add(key)
-                ready.append(Ready(key, seen.detected_at, seen.found_by_scan))
+                ready.append(Ready(key, seen.detected_at))
         return ready
 
     @staticmethod
