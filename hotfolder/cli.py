@@ -262,7 +262,7 @@ def run_eval(args: argparse.Namespace) -> int:
         scores = evaluate.evaluate(engine, dataset, cfg.batching.max_batch_size)
         results[str(dataset)] = scores
         shown = "  ".join(
-            f"{k} {v:.4f}" if k != "pairs" else f"{v:.0f} pairs" for k, v in scores.items()
+            f"{k} {v:.5g}" if k != "pairs" else f"{v:.0f} pairs" for k, v in scores.items()
         )
         print(f"{dataset.name}: {shown}")
     if args.json:

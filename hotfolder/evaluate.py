@@ -65,13 +65,15 @@ def soft_alpha_scores(alpha: np.ndarray, truth: np.ndarray) -> dict[str, float]:
 def mask_scores(alphas: list[np.ndarray], truths: list[np.ndarray]) -> dict[str, float]:
     import py_sod_metrics as sod
 
-    mae, fmeasure, smeasure = sod.MAE(), sod.Fmeasure(), sod.Smeasure()
+    handler = sod.FmeasureHandler(with_dynamic=True, with_adaptive=False, beta=0.3)
+    mae, smeasure = sod.MAE(), sod.Smeasure()
+    fmeasure = sod.FmeasureV2(metric_handlers={"fm": handler})
     for alpha, truth in zip(alphas, truths, strict=True):
         for metric in (mae, fmeasure, smeasure):
             metric.step(pred=alpha, gt=truth)
     return {
         "MAE": float(mae.get_results()["mae"]),
-        "maxF": float(fmeasure.get_results()["fm"]["curve"].max()),
+        "maxF": float(fmeasure.get_results()["fm"]["dynamic"].max()),
         "S": float(smeasure.get_results()["sm"]),
     }
 
