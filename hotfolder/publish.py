@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 DEFAULT_FILE_MODE = 0o644
+MAX_NAME_BYTES = 255
 
 
 def fsync_dir(folder: Path) -> None:
@@ -96,6 +97,16 @@ def place_outputs(files: list[tuple[Path, bytes]], staging: Path, mode: int) -> 
             write_atomic(target, data, mode)  # another filesystem: hidden temp beside it
             continue
         fsync_dir(target.parent)
+
+
+def error_report_path(target: Path, tag: str) -> Path:
+    """``<name>.error.json`` beside the rejected file; for a name near the 255-byte limit, the
+    name is shortened and tagged so the report still fits and stays unique."""
+    name = f"{target.name}.error.json"
+    if len(name.encode()) > MAX_NAME_BYTES:
+        short = target.name.encode()[:200].decode(errors="ignore")
+        name = f"{short}.{tag}.error.json"
+    return target.with_name(name)
 
 
 def write_error_report(sidecar: Path, report: dict[str, object]) -> None:

@@ -658,7 +658,7 @@ class Service:
             "version": __version__,
             "job": claim.job_id,
         }
-        publish.write_error_report(target.with_name(target.name + ".error.json"), report)
+        publish.write_error_report(publish.error_report_path(target, claim.job_id[:8]), report)
         claim = inbox.claims.record_outcome(claim, "failed")
         publish.move_file(claim.source, target)
         self.journal.update(

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import unicodedata
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -357,3 +358,58 @@ def test_full_outbox_pauses_intake_and_loses_nothing(
         assert stop(daemon) == 0
     for name in names:
         assert_one_output_set(site, name)
+
+
+def test_hostile_names_and_special_files_never_stop_the_daemon(
+    site: Site, photos: dict[str, np.ndarray]
+) -> None:
+    site.write_config()
+    image = photo_jpegs(photos, 1, size=64)[0]
+    names = [
+        "with spaces (1).jpg",
+        unicodedata.normalize("NFC", "café.jpg"),
+        unicodedata.normalize("NFD", "café.jpg"),  # a different file name on Linux
+        "line\nbreak.jpg",
+        "x" * 251 + ".jpg",  # 255 bytes: the longest name a file can have
+        "a/same.jpg",
+        "b/same.jpg",
+        "folder.jpg/inside.jpg",  # a folder with an image's name
+    ]
+    for name in names:
+        corpus.write(site.inbox, name, image)
+    long_and_bad = "y" * 251 + ".jpg"
+    corpus.write(site.inbox, long_and_bad, b"not a photo")
+    os.mkfifo(site.inbox / "pipe.jpg")
+    (site.inbox / "link.jpg").symlink_to(site.inbox / "with spaces (1).jpg")
+    corpus.write(
+        site.inbox,
+        "cmyk.jpg",
+        corpus.encoded(Image.fromarray(photos["coffee"]).convert("CMYK"), "JPEG"),
+    )
+    corpus.write(site.inbox, "gray16.png", corpus.encoded(Image.fromarray(
+        photos["coffee"][:, :, 0].astype(np.uint16) * 257), "PNG"))  # fmt: skip
+    corpus.write(site.inbox, "animated.webp", corpus.encoded(
+        Image.fromarray(photos["coffee"]), "WEBP", save_all=True,
+        append_images=[Image.fromarray(photos["coffee"][::-1].copy())]))  # fmt: skip
+
+    assert run_once(site.config, site.root / "log") == 0
+
+    good = sorted([*names, "cmyk.jpg", "gray16.png"])
+    assert site.files(site.done) == good
+    assert site.visible_inbox_files() == []
+    for name in good:
+        stem = name.rsplit(".", 1)[0].replace("\n", "_")
+        if len(stem.encode()) > 245:
+            stem = stem.encode()[: 255 - len(".mask.png")].decode()
+        assert (site.outbox / f"{stem}.mask.png").is_file(), name
+    reasons = {}
+    for sidecar in site.errors.glob("*.error.json"):
+        report = json.loads(sidecar.read_text())
+        reasons[report["file"]] = report["reason"]
+    assert reasons == {
+        "pipe.jpg": "not_a_file",
+        "link.jpg": "not_a_file",
+        "animated.webp": "unsupported_format",
+        long_and_bad: "unsupported_format",  # its report's name is shortened to fit
+    }
+    assert (site.errors / long_and_bad).is_file()
