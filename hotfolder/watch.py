@@ -134,6 +134,8 @@ class InboxWatcher:
             )
             observer.start()
             self.observer = observer
+            how = "polling" if self.config.polling else "inotify"
+            log.info("inbox %s: watching %s with %s", self.config.name, self.root, how)
 
     def stop(self) -> None:
         if self.observer is not None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from . import corpus
@@ -413,3 +414,24 @@ def test_hostile_names_and_special_files_never_stop_the_daemon(
         long_and_bad: "unsupported_format",  # its report's name is shortened to fit
     }
     assert (site.errors / long_and_bad).is_file()
+
+
+def test_polling_watcher_for_network_shares(site: Site, photos: dict[str, np.ndarray]) -> None:
+    site.write_config(daemon={"scan_interval_ms": 60000, "drain_timeout_ms": 30000, "workers": 2})
+    config = yaml.safe_load(site.config.read_text())
+    config["inboxes"][0]["polling"] = True
+    site.config.write_text(yaml.safe_dump(config))
+    log = site.root / "log"
+    daemon = start(site.config, log=log)
+    images = photo_jpegs(photos, 2)
+    try:
+        wait_serving(log)
+        corpus.write(site.inbox, "first.jpg", images[0])
+        wait_for(lambda: (site.done / "first.jpg").exists(), 30, "a first file")
+        # The start-up scan is over and the next one is a minute away: only the polling
+        # observer can see this file.
+        corpus.write(site.inbox, "share/photo.jpg", images[1])
+        wait_for(lambda: (site.done / "share/photo.jpg").exists(), 30, "the polled file")
+    finally:
+        assert stop(daemon) == 0
+    assert "with polling" in log.read_text()
