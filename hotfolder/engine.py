@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +89,7 @@ class MattingEngine:
         # On a CPU a batch's activations overflow the caches: U²-Net-P runs 4.0 img/s one
         # image at a time and 1.9 img/s sixteen at a time on 2 cores. A GPU wants it whole.
         self.chunk = 1 if self.device.type == "cpu" else 1 << 16
+        self.on_split: Callable[[int], object] = lambda size: None  # a batch did not fit
         self._model: torch.nn.Module | None = None
         shape = (1, 3, 1, 1)
         self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(shape)
@@ -154,9 +155,26 @@ class MattingEngine:
 
     def _run_model(self, x: torch.Tensor) -> torch.Tensor:
         """The model over ``x`` in chunks of at most ``self.chunk`` images."""
-        assert self._model is not None
-        outputs = [self._model(part) for part in torch.split(x, self.chunk)]
+        outputs = [self._run_chunk(part) for part in torch.split(x, self.chunk)]
         return torch.cat(outputs).float()
+
+    def _run_chunk(self, x: torch.Tensor) -> torch.Tensor:
+        """A chunk that does not fit in device memory is halved until it does; later batches
+        use the size that fitted. Only a single image that does not fit is an error."""
+        assert self._model is not None
+        try:
+            out: torch.Tensor = self._model(x)
+            return out
+        except torch.cuda.OutOfMemoryError:
+            if len(x) == 1:
+                raise
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = len(x) // 2
+        self.chunk = min(self.chunk, half)
+        self.on_split(len(x))
+        log.warning("out of device memory for %d images; running them %d at a time", len(x), half)
+        return torch.cat([self._run_chunk(x[:half]), self._run_chunk(x[half:])])
 
     def _postprocess(self, saliency: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
         low, high = saliency.amin(), saliency.amax()

@@ -110,6 +110,10 @@ class Metrics:
             "hotfolder_inferences", "Files run through the model.", registry=r
         )
         self.executions = Counter("hotfolder_executions", "Model calls (batches).", registry=r)
+        self.oom_splits = Counter(
+            "hotfolder_oom_splits", "Batches halved because they did not fit in device memory.",
+            registry=r,
+        )  # fmt: skip
         self.paused = Gauge(
             "hotfolder_intake_paused", "1 while intake is paused, by reason.", ["reason"],
             registry=r,

@@ -171,6 +171,7 @@ class Service:
         )
         self.metrics.model_load.set(self.engine.load_seconds)
         self.metrics.model_warmup.set(self.engine.warmup_seconds)
+        self.engine.on_split = lambda size: self.metrics.oom_splits.inc()
 
     def _start_metrics_server(self) -> None:
         listen = self.config.metrics.listen

@@ -139,3 +139,54 @@ def test_gpu_matches_cpu(engine: MattingEngine, photos: dict[str, np.ndarray]) -
     images = list(photos.values())
     for a, b in zip(gpu.predict(images), engine.predict(images), strict=True):
         assert mean_abs_diff(a, b) <= 0.5
+
+
+class SmallDevice(torch.nn.Module):
+    """The real model on a device that runs out of memory above ``limit`` images at a time."""
+
+    def __init__(self, model: torch.nn.Module, limit: int = 2) -> None:
+        super().__init__()
+        self.model = model
+        self.limit = limit
+        self.calls: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(len(x))
+        if len(x) > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        out: torch.Tensor = self.model(x)
+        return out
+
+
+def test_a_batch_that_does_not_fit_is_split_and_gives_the_same_mattes(
+    engine: MattingEngine, photos: dict[str, np.ndarray]
+) -> None:
+    images = [*photos.values(), photos["coffee"][::-1].copy()]  # 5 images
+    expected = engine.predict(images)
+    small = MattingEngine("u2netp", WEIGHTS, device="cpu")
+    small.setup()
+    assert small._model is not None
+    device = SmallDevice(small._model)
+    small._model = device
+    small.chunk = 1 << 16  # as on a GPU: the whole batch at once
+    splits: list[int] = []
+    small.on_split = splits.append
+    got = small.predict(images)
+    for a, b in zip(got, expected, strict=True):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    assert splits == [5, 3]  # 5 → 2 + 3, then 3 → 1 + 2
+    assert small.chunk == 1
+    assert device.calls == [5, 2, 3, 1, 2]
+    device.calls.clear()
+    small.predict(images[:2])
+    assert device.calls == [1, 1]  # later batches start at the size that fitted
+
+
+def test_a_single_image_that_does_not_fit_is_an_error() -> None:
+    small = MattingEngine("u2netp", WEIGHTS, device="cpu")
+    small.setup()
+    assert small._model is not None
+    small._model = SmallDevice(small._model, limit=0)
+    small.chunk = 1 << 16
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        small.predict([np.zeros((8, 8, 3), np.uint8)] * 3)
