@@ -149,7 +149,11 @@ def end_to_end(photos: list[Path], work: Path, device: str, batch: int) -> dict:
         if "peak GPU memory" in line:
             peak_gpu = int(line.rsplit(" ", 2)[-2]) * 1024 * 1024
     rss = [s for _, s in samples]
-    warm = rss[len(rss) // 4 :] or rss  # after start-up and the first batches
+    # Growth in steady state: the peak of the second quarter of the run against the peak of
+    # its last quarter but the final seconds (start-up and drain are not steady).
+    n = len(rss)
+    early, late = rss[n // 4 : n // 2], rss[3 * n // 4 : max(n * 19 // 20, 3 * n // 4 + 1)]
+    growth = 100 * (max(late) - max(early)) / max(early) if early and late else None
     return {
         "images": len(photos),
         "img_per_s_steady": round(len(photos) / (last - first), 2),
@@ -158,9 +162,7 @@ def end_to_end(photos: list[Path], work: Path, device: str, batch: int) -> dict:
         "latency_p50_s": round(statistics.median(latencies), 3),
         "latency_p95_s": round(latencies[int(0.95 * (len(latencies) - 1))], 3),
         "peak_rss_mb": round(max(rss) / 2**20) if rss else None,
-        "rss_growth_after_warmup_pct": round(100 * (warm[-1] - warm[0]) / warm[0], 1)
-        if warm
-        else None,
+        "rss_growth_after_warmup_pct": None if growth is None else round(growth, 1),
         "peak_gpu_memory_mb": round(peak_gpu / 2**20) if peak_gpu else None,
     }
 
