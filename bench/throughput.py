@@ -103,7 +103,7 @@ def rss_sampler(pid: int, samples: list[tuple[float, int]], stop: threading.Even
         stop.wait(0.25)
 
 
-def end_to_end(photos: list[Path], work: Path, device: str, batch: int) -> dict:
+def end_to_end(photos: list[Path], work: Path, device: str, batch: int, workers: int) -> dict:
     """`hotfolder run --once` over the photos; cutouts only, as rembg writes them."""
     inbox = work / "inbox"
     inbox.mkdir(parents=True)
@@ -112,6 +112,7 @@ def end_to_end(photos: list[Path], work: Path, device: str, batch: int) -> dict:
     config = {
         "model": {"weights": str(WEIGHTS), "device": device},
         "batching": {"max_batch_size": batch, "max_wait_ms": 20},
+        "daemon": {"workers": workers},
         "journal": str(work / "journal.sqlite3"),
         "inboxes": [{
             "name": "bench", "path": str(inbox), "outbox": str(work / "outbox"),
@@ -206,6 +207,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch", type=int, default=0, help="0: 64 on a GPU, 16 on the CPU")
     parser.add_argument("--model-seconds", type=float, default=3.0)
+    parser.add_argument("--workers", type=int, default=0, help="daemon.workers (0: per core)")
     parser.add_argument("--skip-rembg", action="store_true")
     args = parser.parse_args()
     gpu = torch.cuda.is_available() and args.device != "cpu"
@@ -220,7 +222,8 @@ def main() -> None:
         for mp in args.megapixels:
             photos = make_photos(Path(tmp) / f"photos-{mp}", args.images, mp)
             print(f"{mp} MP × {len(photos)}: hotfolder run --once", flush=True)
-            ours = end_to_end(photos, Path(tmp) / f"hotfolder-{mp}", args.device, batch)
+            work = Path(tmp) / f"hotfolder-{mp}"
+            ours = end_to_end(photos, work, args.device, batch, args.workers)
             entry = {"hotfolder": ours}
             if not args.skip_rembg:
                 print(f"{mp} MP × {len(photos)}: rembg, one file after another", flush=True)
