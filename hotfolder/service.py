@@ -262,15 +262,18 @@ class Service:
         ]
         for stage, inbound in stages:
             threads = [t for t in self.threads if t.name.split("-")[0] == stage]
-            for _ in threads:
+            alive = [t for t in threads if t.is_alive()]
+            if stage == "engine" and not alive:
+                self._release_waiting()  # the engine died: nobody will take these files
+            for _ in alive:
                 if inbound is not None:
                     with contextlib.suppress(queue.Full):
                         inbound.put(STOP, timeout=max(deadline - time.monotonic(), 0.01))
-            for thread in threads:
+            for thread in alive:
                 thread.join(max(deadline - time.monotonic(), 0))
-        alive = [t.name for t in self.threads if t.is_alive()]
-        if alive:
-            log.error("drain timeout: still running: %s", ", ".join(alive))
+        running = [t.name for t in self.threads if t.is_alive()]
+        if running:
+            log.error("drain timeout: still running: %s", ", ".join(running))
             return False
         self.inboxes.stop()
         if self.engine.device.type == "cuda":
