@@ -120,8 +120,6 @@ class InboxWatcher:
         self.next_scan = clock_start  # scan at the first step
         self.observer: BaseObserver | None = None
         self.root_inode = 0
-        self.observer_restarts = 0
-        self.found_by_scan = 0  # files the scan found before any event did
 
     def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -167,7 +165,6 @@ class InboxWatcher:
             "inbox %s: watcher stopped (folder gone or replaced); restarting it", self.config.name
         )
         self.stop()
-        self.observer_restarts += 1
         self.on_restart()
         self.start()
         self.hints.put(RESCAN)
@@ -226,8 +223,6 @@ class InboxWatcher:
         info = self._lstat(path)
         if info is None or stat.S_ISDIR(info.st_mode):
             return
-        if by_scan:
-            self.found_by_scan += 1
         self.on_detected(by_scan)
         self.pending[key] = Pending(info.st_size, info.st_mtime_ns, now, time.time())
 

@@ -77,6 +77,8 @@ def test_vanished_file_is_forgotten(tmp_path: Path) -> None:
 
 def test_scan_is_periodic_and_recursive(tmp_path: Path) -> None:
     w = watcher(tmp_path, settle_ms=0)
+    found_by_scan: list[bool] = []
+    w.on_detected = found_by_scan.append
     assert ready_names(w, 0.0) == []
     (w.root / "sub" / "deeper").mkdir(parents=True)
     (w.root / "sub" / "deeper" / "b.jpg").write_bytes(b"x")
@@ -84,7 +86,7 @@ def test_scan_is_periodic_and_recursive(tmp_path: Path) -> None:
     (w.root / ".hotfolder" / "c.jpg").write_bytes(b"x")
     assert ready_names(w, 5.0) == []  # not scanned again yet: no event either
     assert ready_names(w, 10.0) == ["sub/deeper/b.jpg"]
-    assert w.found_by_scan == 1
+    assert found_by_scan == [True]
 
 
 def test_non_recursive_inbox_ignores_subfolders(tmp_path: Path) -> None:
@@ -106,7 +108,10 @@ def test_a_new_file_of_a_handed_out_name_counts_once_done(tmp_path: Path) -> Non
 
 def test_deleted_and_recreated_inbox_restarts_the_observer(tmp_path: Path) -> None:
     config = watcher(tmp_path).config
-    w = InboxWatcher(config, scan_interval=10.0, observe=True)
+    restarts: list[str] = []
+    w = InboxWatcher(
+        config, scan_interval=10.0, observe=True, on_restart=lambda: restarts.append("restart")
+    )
     w.start()
     try:
         assert w.healthy()
@@ -115,6 +120,6 @@ def test_deleted_and_recreated_inbox_restarts_the_observer(tmp_path: Path) -> No
         assert not w.healthy()
         w.step(0.0)
         assert w.healthy()
-        assert w.observer_restarts == 1
+        assert restarts == ["restart"]
     finally:
         w.stop()
