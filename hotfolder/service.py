@@ -555,14 +555,13 @@ class Service:
             self._pause(inbox, claim, exc)
             return True
         self.metrics.stage.labels("publish").observe(time.monotonic() - encoded)
-        self.journal.update(claim.job_id, sha256=decoded.sha256,
-                            outputs=[str(path) for path, _ in files])  # fmt: skip
         timings = {
             "decode": decoded.decode_seconds, "queue": item.queue_seconds,
             "inference": item.inference_seconds, "encode": encoded - started,
             "publish": time.monotonic() - encoded,
         }  # fmt: skip
-        self._close_archived(inbox, claim, timings, item.batch_size)
+        record = {"sha256": decoded.sha256, "outputs": [str(path) for path, _ in files]}
+        self._close_archived(inbox, claim, record, timings, item.batch_size)
         return True
 
     def _render(
@@ -593,15 +592,18 @@ class Service:
         self,
         inbox: Inbox,
         claim: Claim,
+        record: dict[str, Any] | None = None,
         timings: dict[str, float] | None = None,
         batch_size: int = 0,
     ) -> None:
-        """The original has left the work folder: record how the job ended and forget it."""
+        """The original has left the work folder: record how the job ended (one journal write,
+        with ``record``'s columns) and forget it."""
         name = inbox.config.name
+        record = record or {}
         if claim.outcome == "success":
             now = time.time()
             latency = now - claim.detected_at
-            self.journal.update(claim.job_id, outcome="success", published_at=now)
+            self.journal.update(claim.job_id, outcome="success", published_at=now, **record)
             self.metrics.processed.labels(name, "success").inc()
             self.metrics.latency.labels(name).observe(latency)
             self.metrics.last_success.labels(name).set(now)
@@ -615,7 +617,7 @@ class Service:
                        "batch_size": batch_size, "job": claim.job_id},
             )  # fmt: skip
         else:
-            self.journal.update(claim.job_id, outcome="failed")
+            self.journal.update(claim.job_id, outcome="failed", **record)
             self.metrics.processed.labels(name, "failed").inc()
         inbox.claims.finish(claim)
         self._count(-1)
@@ -665,8 +667,6 @@ class Service:
         publish.write_error_report(publish.error_report_path(target, claim.job_id[:8]), report)
         claim = inbox.claims.record_outcome(claim, "failed")
         publish.move_file(claim.source, target)
-        self.journal.update(
-            claim.job_id, reason=reason.value, error=message, attempts=claim.attempts
-        )
         self.metrics.failures.labels(cfg.name, reason.value).inc()
-        self._close_archived(inbox, claim)
+        record = {"reason": reason.value, "error": message, "attempts": claim.attempts}
+        self._close_archived(inbox, claim, record)
