@@ -66,7 +66,7 @@ RESTART_ONLY = ("model", "daemon", "metrics", "journal")
 PAUSE_SECONDS = 10.0
 INTAKE_TICK = 0.05
 QUEUE_POLL = 1.0  # a stage waiting for work still steps this often (it proves it is alive)
-HOUSEKEEPING_SECONDS = 5.0  # heartbeats, disk space, GPU memory
+HOUSEKEEPING_SECONDS = 5.0  # heartbeats, backlog gauges, disk space, GPU memory
 
 
 @dataclass(frozen=True)
@@ -323,7 +323,6 @@ class Service:
             for reason in PAUSE_REASONS.values():
                 self.metrics.paused.labels(reason).set(0)
             self._feed_claims()
-        self._observe_backlog()
         if now >= self.next_housekeeping:
             self.next_housekeeping = now + HOUSEKEEPING_SECONDS
             self._housekeeping()
@@ -350,15 +349,21 @@ class Service:
         """Files seen but not claimed yet: settling in the watcher, or ready and waiting for
         room in the pipeline."""
         now = time.time()
+        waiting = {id(inbox): 0 for inbox in self.inboxes.active}
+        oldest = {
+            id(inbox): inbox.watcher.oldest_detected() or now for inbox in self.inboxes.active
+        }
+        for inbox, ready in self.ready:  # one pass: a backlog can be long
+            if id(inbox) in waiting:
+                waiting[id(inbox)] += 1
+                oldest[id(inbox)] = min(oldest[id(inbox)], ready.detected_at)
         for inbox in self.inboxes.active:
-            ready = [r.detected_at for i, r in self.ready if i is inbox]
-            settling = inbox.watcher.oldest_detected()
-            oldest = min([*ready, *([settling] if settling is not None else [])], default=now)
-            name = inbox.config.name
-            self.metrics.pending.labels(name).set(len(inbox.watcher.pending) + len(ready))
-            self.metrics.oldest_pending.labels(name).set(now - oldest)
+            name, key = inbox.config.name, id(inbox)
+            self.metrics.pending.labels(name).set(len(inbox.watcher.pending) + waiting[key])
+            self.metrics.oldest_pending.labels(name).set(now - oldest[key])
 
     def _housekeeping(self) -> None:
+        self._observe_backlog()
         self.inboxes.heartbeat()
         self.inboxes.close_retired(lambda inbox: inbox.claims.has_jobs())
         for inbox in self.inboxes.active:
