@@ -290,6 +290,10 @@ class Service:
                 self._count(+1)
                 self._begin(claim)
                 if claim.outcome:
+                    # Stopped after deciding the outcome: finish filing the original if the
+                    # daemon died before it left the work folder.
+                    if os.path.lexists(claim.source):
+                        self._file_original(inbox.config, claim)
                     self._close_archived(inbox, claim)
                 else:
                     self.recovered.append((inbox, claim))
@@ -583,15 +587,19 @@ class Service:
 
     def _archive(self, inbox: Inbox, claim: Claim, files: list[tuple[Path, bytes]]) -> Claim:
         """Outputs into the outbox, then (only then) the original out of the work folder."""
-        cfg = inbox.config
         publish.place_outputs(files, claim.folder / "outputs", publish.DEFAULT_FILE_MODE)
         claim = inbox.claims.record_outcome(claim, "success")
-        if cfg.done is not None:
-            target = publish.free_name(cfg.done / claim.relative, claim.job_id[:8])
-            publish.move_file(claim.source, target)
-        else:
-            os.unlink(claim.source)
+        self._file_original(inbox.config, claim)
         return claim
+
+    @staticmethod
+    def _file_original(cfg: config.InboxConfig, claim: Claim) -> None:
+        """Move the original out of the work folder to where its recorded outcome sends it."""
+        target = original_target(cfg, claim, claim.outcome)
+        if target is None:
+            os.unlink(claim.source)
+        else:
+            publish.move_file(claim.source, target)
 
     def _close_archived(
         self,
@@ -657,7 +665,8 @@ class Service:
             extra={"inbox": cfg.name, "path": claim.relative, "outcome": "failed",
                    "reason": reason.value, "attempts": claim.attempts, "job": claim.job_id},
         )  # fmt: skip
-        target = publish.free_name(cfg.errors / claim.relative, claim.job_id[:8])
+        target = original_target(cfg, claim, "failed")
+        assert target is not None  # errors/ is required
         report: dict[str, object] = {
             "file": claim.relative,
             "inbox": cfg.name,
@@ -671,7 +680,16 @@ class Service:
         }
         publish.write_error_report(publish.error_report_path(target, claim.job_id[:8]), report)
         claim = inbox.claims.record_outcome(claim, "failed")
-        publish.move_file(claim.source, target)
+        self._file_original(cfg, claim)
         self.metrics.failures.labels(cfg.name, reason.value).inc()
         record = {"reason": reason.value, "error": message, "attempts": claim.attempts}
         self._close_archived(inbox, claim, record)
+
+
+def original_target(cfg: config.InboxConfig, claim: Claim, outcome: str) -> Path | None:
+    """Where the original of a finished job goes: errors/ when it failed, done/ when it
+    succeeded (None: originals are deleted), under a name no earlier original holds."""
+    folder = cfg.done if outcome == "success" else cfg.errors
+    if folder is None:
+        return None
+    return publish.free_name(folder / claim.relative, claim.job_id[:8])

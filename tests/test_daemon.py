@@ -328,6 +328,26 @@ def test_a_file_that_keeps_crashing_the_daemon_goes_to_errors(
     assert [r["outcome"] for r in site.rows()] == ["failed"]
 
 
+@pytest.mark.parametrize(("outcome", "archive"), [("success", "done"), ("failed", "errors")])
+def test_a_job_killed_while_archiving_keeps_its_original(
+    site: Site, photos: dict[str, np.ndarray], outcome: str, archive: str
+) -> None:
+    """Killed after its outcome was recorded, before the original left the work folder: the next
+    daemon finishes the move instead of discarding the file."""
+    site.write_config()
+    folder = site.inbox / ".hotfolder" / "work" / dead_owner() / "fedcba9876543210"
+    corpus.write(folder, "source", photo_jpegs(photos, 1)[0])
+    record = {
+        "job_id": "fedcba9876543210", "inbox": "products", "relative": "shoes/last.jpg",
+        "size": 1, "detected_at": 1.0, "claimed_at": 2.0, "attempts": 1, "outcome": outcome,
+    }  # fmt: skip
+    (folder / "job.json").write_text(json.dumps(record))
+    assert run_once(site.config, site.root / "log") == 0
+    assert site.files(site.root / archive) == ["shoes/last.jpg"]
+    assert not folder.parent.exists()
+    assert [r["outcome"] for r in site.rows()] == [outcome]
+
+
 @pytest.fixture
 def tiny_outbox(site: Site) -> Iterator[Path]:
     """The outbox on a 4 KiB tmpfs (needs root, as CI has): writes fail with ENOSPC."""
