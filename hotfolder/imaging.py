@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from hotfolder import png
 from hotfolder.jobs import ImageError, Reason
 
 # Formats accepted, identified by content; Pillow never tries any other decoder on our input.
@@ -179,16 +180,15 @@ def orient(picture: Picture, orientation: int) -> Picture:
     return Picture(rgb=np.ascontiguousarray(fix(picture.rgb)), alpha=alpha)
 
 
-def encode_png(pixels: np.ndarray, compression: int = 3) -> bytes:
-    """PNG from RGBA (H, W, 4), RGB (H, W, 3) or gray (H, W) uint8 pixels."""
+def encode_png(pixels: np.ndarray, compression: int | str = "fast") -> bytes:
+    """PNG from RGBA (H, W, 4), RGB (H, W, 3) or gray (H, W) uint8 pixels. ``compression`` is
+    ``"fast"`` (ISA-L, see png.py) or a zlib level 0–9 (smaller files, much slower at 6–9)."""
+    if compression == "fast":
+        return png.encode(pixels)
     if pixels.ndim == 3:
         code = cv2.COLOR_RGBA2BGRA if pixels.shape[2] == 4 else cv2.COLOR_RGB2BGR
         pixels = cv2.cvtColor(pixels, code)
-    # Run-length matching suits mattes and cutouts (large flat areas): measured on a 1 MP
-    # cutout, 57 ms and 0.93 MB against 85 ms and 1.05 MB for zlib's default at level 3.
-    options = [cv2.IMWRITE_PNG_COMPRESSION, compression,
-               cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]  # fmt: skip
-    ok, encoded = cv2.imencode(".png", pixels, options)
+    ok, encoded = cv2.imencode(".png", pixels, [cv2.IMWRITE_PNG_COMPRESSION, int(compression)])
     if not ok:
         raise ValueError("PNG encoding failed")
     return encoded.tobytes()

@@ -27,6 +27,7 @@ DEFAULT_NAME = {
     Kind.COMPOSITE: "{stem}.jpg",
 }
 TEMPLATE_FIELDS = {"stem", "ext", "kind"}
+FAST_PNG = "fast"
 MAX_NAME_BYTES = 255
 NAMED_COLOURS = {"white": (255, 255, 255), "black": (0, 0, 0), "grey": (128, 128, 128)}
 
@@ -42,7 +43,9 @@ class Output:
     name: str = ""
     background: tuple[int, int, int] = (255, 255, 255)
     quality: int = 92  # JPEG
-    compression: int = 3  # PNG, 0–9: higher is smaller and slower
+    # PNG: "fast" (ISA-L deflate: about 6x faster to write than zlib, files about 10 % larger)
+    # or a zlib level 0–9, for when size matters more than speed.
+    compression: int | str = FAST_PNG
     # Cutouts: black out the colour of fully transparent pixels. Nobody sees it, and the PNG is
     # about a third smaller and faster to write; false keeps the photo's colours underneath.
     clear_transparent: bool = True
@@ -120,11 +123,14 @@ def parse_output(raw: Any, key: str) -> Output:
         background = parse_colour(str(raw.get("background", "#ffffff")))
     except RecipeError as exc:
         raise RecipeError(f"{key}.background: {exc}") from None
-    quality, compression = raw.get("quality", 92), raw.get("compression", 3)
+    quality, compression = raw.get("quality", 92), raw.get("compression", FAST_PNG)
     if not isinstance(quality, int) or not 1 <= quality <= 100:
         raise RecipeError(f"{key}.quality: JPEG quality is 1–100, got {quality!r}")
-    if not isinstance(compression, int) or not 0 <= compression <= 9:
-        raise RecipeError(f"{key}.compression: PNG compression is 0–9, got {compression!r}")
+    is_level = isinstance(compression, int) and not isinstance(compression, bool)
+    if compression != FAST_PNG and not (is_level and 0 <= compression <= 9):
+        raise RecipeError(
+            f"{key}.compression: PNG compression is {FAST_PNG} or a level 0–9, got {compression!r}"
+        )
     clear = raw.get("clear_transparent", True)
     if not isinstance(clear, bool):
         raise RecipeError(f"{key}.clear_transparent: true or false, got {clear!r}")

@@ -6,11 +6,12 @@ import io
 import os
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from hotfolder import imaging
+from hotfolder import imaging, png
 from hotfolder.jobs import ImageError, Reason
 
 from . import corpus
@@ -190,14 +191,48 @@ def test_read_file_byte_cap_and_empty(tmp_path: Path) -> None:
         imaging.read_file(corpus.write(tmp_path, "zero.jpg", b""))
 
 
-def test_encoders_round_trip(photo: np.ndarray) -> None:
+@pytest.mark.parametrize("compression", ["fast", 0, 1, 6, 9])
+def test_png_round_trips_through_pillow_and_opencv(
+    photo: np.ndarray, compression: int | str
+) -> None:
     alpha = np.linspace(0, 255, photo.shape[1], dtype=np.uint8)[None].repeat(photo.shape[0], 0)
     rgba = np.dstack((photo, alpha))
-    back = Image.open(io.BytesIO(imaging.encode_png(rgba)))
-    assert back.mode == "RGBA"
-    assert np.array_equal(np.asarray(back), rgba)
-    mask = Image.open(io.BytesIO(imaging.encode_png(alpha)))
-    assert mask.mode == "L"
-    assert np.array_equal(np.asarray(mask), alpha)
+    for pixels, mode in ((rgba, "RGBA"), (photo, "RGB"), (alpha, "L")):
+        encoded = imaging.encode_png(pixels, compression)
+        back = Image.open(io.BytesIO(encoded))
+        back.verify()  # chunk CRCs and structure
+        back = Image.open(io.BytesIO(encoded))
+        assert back.mode == mode
+        assert np.array_equal(np.asarray(back), pixels)
+        by_opencv = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_UNCHANGED)
+        if pixels.ndim == 3:
+            code = cv2.COLOR_BGRA2RGBA if pixels.shape[2] == 4 else cv2.COLOR_BGR2RGB
+            by_opencv = cv2.cvtColor(by_opencv, code)
+        assert np.array_equal(by_opencv, pixels)
+
+
+@pytest.mark.parametrize(("height", "width"), [(1, 1), (1, 7), (5, 1), (3, 333)])
+def test_fast_png_odd_shapes_and_wrapping_differences(height: int, width: int) -> None:
+    """Random bytes make the Up filter's differences wrap below zero and above 255."""
+    pixels = np.random.default_rng(height * width).integers(0, 256, (height, width, 4), np.uint8)
+    back = Image.open(io.BytesIO(png.encode(pixels)))
+    assert np.array_equal(np.asarray(back), pixels)
+
+
+def test_fast_png_compresses_like_zlib_and_refuses_what_png_cannot_hold(
+    photo: np.ndarray,
+) -> None:
+    assert len(png.encode(photo)) < 1.1 * len(imaging.encode_png(photo, compression=1))
+    bad = {
+        "must be uint8": photo.astype(np.uint16),
+        "cannot write pixels of shape": photo[:, :, :2],
+        "an empty image": photo[:0],
+    }
+    for message, pixels in bad.items():
+        with pytest.raises(ValueError, match=message):
+            png.encode(pixels)
+
+
+def test_jpeg_round_trip(photo: np.ndarray) -> None:
     decoded = imaging.decode(imaging.encode_jpeg(photo, quality=95))
     assert_close(decoded.rgb, photo, 3.0)
