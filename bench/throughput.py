@@ -66,20 +66,16 @@ def model_only(
     for precision in precisions:
         engine = MattingEngine("u2netp", WEIGHTS, device=device, precision=precision)
         engine.setup()
-        model = engine._model
-        assert model is not None
         for batch in batches:
-            x = torch.rand(batch, 3, 320, 320, device=engine.device, dtype=engine.dtype)
-            x = x.contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode():
-                model(x)  # warm this shape
-                sync(engine.device)
-                runs, started = 0, time.perf_counter()
-                while time.perf_counter() - started < seconds or runs < 2:
-                    model(x)
-                    runs += 1
-                sync(engine.device)
-                took = time.perf_counter() - started
+            x = torch.rand(batch, 3, 320, 320, device=engine.device)
+            engine.run_model(x)  # warm this shape
+            sync(engine.device)
+            runs, started = 0, time.perf_counter()
+            while time.perf_counter() - started < seconds or runs < 2:
+                engine.run_model(x)
+                runs += 1
+            sync(engine.device)
+            took = time.perf_counter() - started
             rows.append({"precision": precision, "batch": batch,
                          "img_per_s": round(runs * batch / took, 1)})  # fmt: skip
             print(f"  model {precision} batch {batch}: {rows[-1]['img_per_s']} img/s", flush=True)
@@ -117,7 +113,7 @@ def end_to_end(photos: list[Path], work: Path, device: str, batch: int, workers:
         "inboxes": [{
             "name": "bench", "path": str(inbox), "outbox": str(work / "outbox"),
             "done": str(work / "done"), "errors": str(work / "errors"), "settle_ms": 0,
-            "outputs": [{"kind": "cutout", "compression": 1}],
+            "outputs": [{"kind": "cutout"}],
         }],
     }  # fmt: skip
     (work / "config.yaml").write_text(yaml.safe_dump(config))

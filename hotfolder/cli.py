@@ -166,6 +166,7 @@ def make_engine(cfg: config.Config, flip_average: bool | None = None) -> Matting
             model.device,
             model.precision,
             model.flip_average if flip_average is None else flip_average,
+            model.cpu_threads,
         )
         engine.setup()
     except EngineError as exc:

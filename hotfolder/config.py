@@ -35,6 +35,7 @@ class ModelConfig:
     device: str = "auto"
     precision: str = "auto"
     flip_average: bool = False
+    cpu_threads: int = 0  # images run side by side on the CPU; 0: one per core
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,9 @@ def parse(raw: Any, base: Path, source: Path | None = None) -> Config:
 
 def _model(raw: Any, base: Path) -> ModelConfig:
     section = _mapping(raw, "model")
-    _known(section, "model", {"name", "weights", "device", "precision", "flip_average"})
+    _known(
+        section, "model", {"name", "weights", "device", "precision", "flip_average", "cpu_threads"}
+    )
     defaults = ModelConfig()
     name = _get(section, "model.name", str, defaults.name)
     weights = section.get("weights", f"weights/{name}.safetensors")
@@ -151,6 +154,7 @@ def _model(raw: Any, base: Path) -> ModelConfig:
         device=_get(section, "model.device", str, defaults.device),
         precision=precision,
         flip_average=_get(section, "model.flip_average", bool, defaults.flip_average),
+        cpu_threads=_non_negative(section, "model.cpu_threads", defaults.cpu_threads),
     )
 
 

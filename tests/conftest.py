@@ -32,7 +32,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def engine() -> MattingEngine:
-    model = MattingEngine("u2netp", WEIGHTS, device="cpu")
+    """The CPU engine as the daemon runs it: images side by side on two cores (also on a
+    one-core machine, so that path is always tested)."""
+    model = MattingEngine("u2netp", WEIGHTS, device="cpu", cpu_threads=2)
+    model.setup()
+    return model
+
+
+@pytest.fixture(scope="session")
+def batch_engine() -> MattingEngine:
+    """The CPU engine running a batch as one tensor, as a GPU does."""
+    model = MattingEngine("u2netp", WEIGHTS, device="cpu", cpu_threads=1)
     model.setup()
     return model
 

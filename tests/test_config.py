@@ -40,11 +40,12 @@ def parse(tmp_path: Path, text: str) -> config.Config:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("model: {nmae: u2netp}", "model.nmae: unknown key; known keys here: device, flip_average"),
+        ("model: {nmae: u2netp}", "model.nmae: unknown key; known keys here: cpu_threads, device"),
         ("batching: {max_batch_size: many}", "batching.max_batch_size: expected int, got 'many'"),
         ("batching: {max_batch_size: 0}", "batching.max_batch_size: must be at least 1"),
         ("batching: {max_wait_ms: true}", "batching.max_wait_ms: expected int, got True"),
         ("model: {precision: fp8}", "model.precision: 'fp8' is not one of auto, fp32, fp16, bf16"),
+        ("model: {cpu_threads: -1}", "model.cpu_threads: must be 0 or more, got -1"),
         ("limits: {max_pixels: 2000000000}", "limits.max_pixels: at most 1073741824"),
         ("model: [u2netp]", "model: expected a mapping"),
         ("journl: x.db", "journl: unknown key"),
@@ -66,7 +67,7 @@ def test_inbox_outputs_and_names(tmp_path: Path) -> None:
     inbox = base_inbox(tmp_path) | {
         "outputs": [
             {"kind": "cutout"},
-            {"kind": "mask"},
+            {"kind": "mask", "compression": 9},
             {"kind": "composite", "background": "#fff", "quality": 85},
             {
                 "kind": "composite",
@@ -80,6 +81,7 @@ def test_inbox_outputs_and_names(tmp_path: Path) -> None:
     names = [o.filename("shoe", ".jpg") for o in cfg.inboxes[0].outputs]
     assert names == ["shoe.png", "shoe.mask.png", "shoe.jpg", "shoe.black.png"]
     assert cfg.inboxes[0].outputs[3].background == (0, 0, 0)
+    assert [o.compression for o in cfg.inboxes[0].outputs] == ["fast", 9, "fast", "fast"]
 
 
 @pytest.mark.parametrize(
@@ -95,6 +97,8 @@ def test_inbox_outputs_and_names(tmp_path: Path) -> None:
         ({"outputs": [{"kind": "composite", "background": "#12"}]}, "is not a colour"),
         ({"outputs": [{"kind": "mask", "name": "../{stem}.png"}]}, "may not contain a folder"),
         ({"outputs": [{"kind": "mask", "name": "mask.png"}]}, "must contain {stem}"),
+        ({"outputs": [{"kind": "mask", "compression": 10}]}, "fast or a level 0–9, got 10"),
+        ({"outputs": [{"kind": "mask", "compression": "best"}]}, "fast or a level 0–9, got 'best'"),
         ({"originals": "shred"}, "originals: 'shred' is not one of move, delete"),
         ({"name": "my inbox"}, "must be letters, digits"),
     ],

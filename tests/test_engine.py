@@ -22,16 +22,29 @@ def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_mixed_sizes_in_one_batch_match_one_by_one(
-    engine: MattingEngine, photos: dict[str, np.ndarray]
+    batch_engine: MattingEngine, photos: dict[str, np.ndarray]
 ) -> None:
     images = list(photos.values())
-    together = engine.predict(images)
+    together = batch_engine.predict(images)
     for image, alpha in zip(images, together, strict=True):
         assert alpha.shape == image.shape[:2]
         assert alpha.dtype == np.uint8
-        alone = engine.predict([image])[0]
+        alone = batch_engine.predict([image])[0]
         # Normalisation is per image: batch-mates never change an image's matte.
         assert np.abs(alpha.astype(int) - alone.astype(int)).max() <= 1
+
+
+def test_images_side_by_side_on_the_cpu_match_one_batch(
+    engine: MattingEngine, batch_engine: MattingEngine, photos: dict[str, np.ndarray]
+) -> None:
+    images = [*photos.values(), photos["chelsea"][::-1].copy()]  # an odd count: a core idles
+    side_by_side = engine.predict(images)
+    one_batch = batch_engine.predict(images)
+    assert len(side_by_side) == len(images)
+    for a, b in zip(side_by_side, one_batch, strict=True):
+        assert a.shape == b.shape
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    assert engine.predict([]) == []
 
 
 def test_each_matte_uses_its_full_range(
@@ -163,7 +176,7 @@ def test_a_batch_that_does_not_fit_is_split_and_gives_the_same_mattes(
 ) -> None:
     images = [*photos.values(), photos["coffee"][::-1].copy()]  # 5 images
     expected = engine.predict(images)
-    small = MattingEngine("u2netp", WEIGHTS, device="cpu")
+    small = MattingEngine("u2netp", WEIGHTS, device="cpu", cpu_threads=1)  # batches, as on a GPU
     small.setup()
     assert small._model is not None
     device = SmallDevice(small._model)
@@ -183,7 +196,7 @@ def test_a_batch_that_does_not_fit_is_split_and_gives_the_same_mattes(
 
 
 def test_a_single_image_that_does_not_fit_is_an_error() -> None:
-    small = MattingEngine("u2netp", WEIGHTS, device="cpu")
+    small = MattingEngine("u2netp", WEIGHTS, device="cpu", cpu_threads=1)
     small.setup()
     assert small._model is not None
     small._model = SmallDevice(small._model, limit=0)
