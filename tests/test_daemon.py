@@ -278,6 +278,8 @@ def test_inbox_deleted_and_recreated_keeps_working(
         wait_serving(log)
         corpus.write(site.inbox, "first.jpg", images[0])
         wait_for(lambda: (site.done / "first.jpg").exists(), 60, "the first file")
+        jobs = site.inbox / ".hotfolder" / "work"
+        wait_for(lambda: not any(jobs.glob("*/*")), 60, "the first job's folder removed")
         shutil.rmtree(site.inbox)
         site.inbox.mkdir()
         corpus.write(site.inbox, "second.jpg", images[1])
