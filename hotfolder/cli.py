@@ -166,7 +166,10 @@ def make_engine(cfg: config.Config, flip_average: bool | None = None) -> Matting
             model.device,
             model.precision,
             model.flip_average if flip_average is None else flip_average,
-            model.cpu_threads,
+            cpu_threads=model.cpu_threads,
+            max_batch=cfg.batching.max_batch_size,
+            cuda_graphs=model.cuda_graphs,
+            compile_cache=model.compile_cache if model.compile else None,
         )
         engine.setup()
     except EngineError as exc:

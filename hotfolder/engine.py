@@ -10,6 +10,7 @@ resized back to its image's size.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hotfolder import models
+from hotfolder import cudagraphs, models
 from hotfolder.resample import resize_lanczos
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,9 @@ class MattingEngine:
         precision: str = "auto",
         flip_average: bool = False,
         cpu_threads: int = 0,
+        max_batch: int = 16,
+        cuda_graphs: bool = True,
+        compile_cache: Path | None = None,
     ) -> None:
         self.arch = arch
         self.weights = weights
@@ -102,6 +106,16 @@ class MattingEngine:
         # batches of 16.
         self.cpu_threads = cpu_threads or DEFAULT_CPU_THREADS
         self._pool: ThreadPoolExecutor | None = None
+        # On a GPU: the batch sizes to capture as CUDA graphs (flip-averaging doubles a batch),
+        # and where torch.compile keeps its work (None: no compiling). Compiling takes minutes
+        # per batch size, so a compiled model gets one graph, of the largest batch, that every
+        # batch is padded to: at 3 600 img/s a full batch of 64 takes 18 ms.
+        largest = max_batch * (2 if flip_average else 1)
+        use_graphs = cuda_graphs and self.device.type == "cuda"
+        sizes = [largest] if compile_cache is not None else cudagraphs.batch_sizes(largest)
+        self.graph_sizes = sizes if use_graphs else []
+        self.compile_cache = compile_cache
+        self._graphed: cudagraphs.GraphedModel | None = None
         self.on_split: Callable[[int], object] = lambda size: None  # a batch did not fit
         self._model: torch.nn.Module | None = None
         shape = (1, 3, 1, 1)
@@ -131,15 +145,23 @@ class MattingEngine:
             if self.cpu_threads > 1:
                 self._pool = ThreadPoolExecutor(self.cpu_threads, thread_name_prefix="model")
         started = time.perf_counter()
+        if self.compile_cache is not None:
+            self._model = compiled(self._model, self.compile_cache, len(self.graph_sizes))
+        if self.graph_sizes:
+            self._graphed = cudagraphs.GraphedModel(
+                self._model, self.graph_sizes, self.device, self.dtype
+            )
         self.predict([np.zeros((models.INPUT_SIZE, models.INPUT_SIZE, 3), np.uint8)])
         self.warmup_seconds = time.perf_counter() - started
         log.info(
-            "model %s loaded on %s (%s) in %.2f s, warm-up %.2f s",
+            "model %s loaded on %s (%s) in %.2f s, warm-up %.2f s%s%s",
             self.arch,
             self.device,
             self.precision,
             self.load_seconds,
             self.warmup_seconds,
+            ", compiled" if self.compile_cache is not None else "",
+            f", CUDA graphs for {self._graphed.sizes} images" if self._graphed else "",
         )
 
     def predict(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -174,17 +196,23 @@ class MattingEngine:
             return []
         batch = torch.cat([self._preprocess(image) for image in images])
         saliency = self._infer(batch)
-        return [
+        alphas = [
             self._postprocess(saliency[i : i + 1], image.shape[:2])
             for i, image in enumerate(images)
         ]
+        return self._download(alphas)
 
     @torch.inference_mode()
     def _infer_batch(self, parts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return [self._infer(torch.cat(list(parts)))]
 
     def _preprocess(self, image: np.ndarray) -> torch.Tensor:
-        pixels = torch.from_numpy(image).to(self.device, non_blocking=True)
+        pixels = torch.from_numpy(image)
+        if self.device.type == "cuda":
+            # From page-locked memory the upload is queued and this thread goes on to the next
+            # image; PyTorch keeps the buffer until the copy is done.
+            pixels = pixels.pin_memory()
+        pixels = pixels.to(self.device, non_blocking=True)
         x = resize_lanczos(pixels.permute(2, 0, 1).float(), (models.INPUT_SIZE, models.INPUT_SIZE))
         # As rembg does: divide by the image's own maximum, not by 255.
         x = x.unsqueeze(0) / x.amax().clamp_min(1.0)
@@ -198,7 +226,12 @@ class MattingEngine:
         return (plain + flipped.flip(-1)) / 2
 
     def _run_chunks(self, x: torch.Tensor) -> torch.Tensor:
-        """The model over ``x`` in chunks of at most ``self.chunk`` images."""
+        """The model over ``x``: replayed from a CUDA graph when one holds it, else in chunks of
+        at most ``self.chunk`` images."""
+        if self._graphed is not None:
+            replayed = self._graphed(x)
+            if replayed is not None:
+                return replayed.float()
         outputs = [self._run_chunk(part) for part in torch.split(x, self.chunk)]
         return torch.cat(outputs).float()
 
@@ -220,9 +253,34 @@ class MattingEngine:
         log.warning("out of device memory for %d images; running them %d at a time", len(x), half)
         return torch.cat([self._run_chunk(x[:half]), self._run_chunk(x[half:])])
 
-    def _postprocess(self, saliency: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    def _postprocess(self, saliency: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         low, high = saliency.amin(), saliency.amax()
         normalised = (saliency - low) / (high - low).clamp_min(1e-6)
         alpha = F.interpolate(normalised, size=size, mode="bicubic", align_corners=False)
-        alpha = alpha.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
-        return alpha[0, 0].cpu().numpy()
+        return alpha.clamp_(0, 1).mul_(255).round_().to(torch.uint8)[0, 0]
+
+    def _download(self, alphas: list[torch.Tensor]) -> list[np.ndarray]:
+        """Mattes to host memory: on a GPU every copy is queued first, then one wait, instead
+        of a stop for each image."""
+        if self.device.type == "cuda":
+            alphas = [alpha.to("cpu", non_blocking=True) for alpha in alphas]
+            torch.cuda.current_stream(self.device).synchronize()
+        return [alpha.numpy() for alpha in alphas]
+
+
+def compiled(model: torch.nn.Module, cache: Path, shapes: int) -> torch.nn.Module:
+    """``model`` through torch.compile with autotuned kernels. Compiling takes minutes; its
+    results (generated kernels, autotuning choices) are kept in ``cache`` so that only the first
+    start on a machine pays. One compilation per batch shape: ``shapes`` of them."""
+    cache.mkdir(parents=True, exist_ok=True)
+    # Inductor reads its cache folder from the environment when it first needs it.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+    import torch._dynamo.config
+
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = max(limit, shapes + 1)
+    # The graphs are ours (cudagraphs.py): max-autotune's own would be captured inside them.
+    result: torch.nn.Module = torch.compile(  # type: ignore[assignment]
+        model, mode="max-autotune-no-cudagraphs", dynamic=False
+    )
+    return result

@@ -40,12 +40,16 @@ def parse(tmp_path: Path, text: str) -> config.Config:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("model: {nmae: u2netp}", "model.nmae: unknown key; known keys here: cpu_threads, device"),
+        (
+            "model: {nmae: u2netp}",
+            "model.nmae: unknown key; known keys here: compile, compile_cache, cpu_threads",
+        ),
         ("batching: {max_batch_size: many}", "batching.max_batch_size: expected int, got 'many'"),
         ("batching: {max_batch_size: 0}", "batching.max_batch_size: must be at least 1"),
         ("batching: {max_wait_ms: true}", "batching.max_wait_ms: expected int, got True"),
         ("model: {precision: fp8}", "model.precision: 'fp8' is not one of auto, fp32, fp16, bf16"),
         ("model: {cpu_threads: -1}", "model.cpu_threads: must be 0 or more, got -1"),
+        ("model: {compile: yes please}", "model.compile: expected bool, got 'yes please'"),
         ("limits: {max_pixels: 2000000000}", "limits.max_pixels: at most 1073741824"),
         ("model: [u2netp]", "model: expected a mapping"),
         ("journl: x.db", "journl: unknown key"),
@@ -137,3 +141,18 @@ def test_originals_deleted_need_no_done_folder(tmp_path: Path) -> None:
 )
 def test_colours(text: str, rgb: tuple[int, int, int]) -> None:
     assert recipes.parse_colour(text) == rgb
+
+
+def test_compile_cache_is_systemds_cache_directory_when_it_gives_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CACHE_DIRECTORY", "/var/cache/hotfolder")
+    cfg = parse(tmp_path, "model: {compile: true}")
+    assert cfg.model.compile
+    assert cfg.model.compile_cache == Path("/var/cache/hotfolder/torch-compile")
+    monkeypatch.delenv("CACHE_DIRECTORY")
+    assert parse(tmp_path, "{}").model.compile_cache.parts[-3:] == (
+        ".cache", "hotfolder", "torch-compile",
+    )  # fmt: skip
+    cfg = parse(tmp_path, "model: {compile_cache: kernels}")
+    assert cfg.model.compile_cache == tmp_path / "kernels"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ import torch
 from PIL import Image
 from rembg import new_session, remove
 
+from hotfolder import cudagraphs
 from hotfolder.engine import EngineError, MattingEngine, resolve_device, resolve_precision
 from hotfolder.resample import resize_lanczos
 
@@ -152,6 +155,64 @@ def test_gpu_matches_cpu(engine: MattingEngine, photos: dict[str, np.ndarray]) -
     images = list(photos.values())
     for a, b in zip(gpu.predict(images), engine.predict(images), strict=True):
         assert mean_abs_diff(a, b) <= 0.5
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_give_the_eager_models_mattes(photos: dict[str, np.ndarray]) -> None:
+    graphed = MattingEngine("u2netp", WEIGHTS, device="cuda", max_batch=8)
+    eager = MattingEngine("u2netp", WEIGHTS, device="cuda", max_batch=8, cuda_graphs=False)
+    graphed.setup()
+    eager.setup()
+    assert graphed._graphed is not None
+    assert graphed._graphed.sizes == [1, 2, 4, 8]
+    assert eager._graphed is None
+    images = [*photos.values(), *(p[::-1].copy() for p in photos.values()), photos["coffee"]]
+    # Padded batches (3 in the graph for 4, 5 in 8) after fuller ones leave stale rows behind;
+    # 9 is beyond every graph and runs eagerly.
+    for count in (4, 8, 3, 5, 1, 9):
+        for a, b in zip(
+            graphed.predict(images[:count]), eager.predict(images[:count]), strict=True
+        ):
+            assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_compiled_model_gives_the_eager_mattes_and_keeps_its_kernels(
+    tmp_path: Path, batch_engine: MattingEngine, photos: dict[str, np.ndarray]
+) -> None:
+    """torch.compile on the CPU (a minute): the same mattes, and a second start finds the
+    compiled kernels in the cache folder instead of compiling again."""
+    cache = tmp_path / "kernels"
+    compiled = MattingEngine("u2netp", WEIGHTS, device="cpu", cpu_threads=1, compile_cache=cache)
+    compiled.setup()
+    image = [photos["coffee"]]
+    assert (
+        np.abs(compiled.predict(image)[0].astype(int) - batch_engine.predict(image)[0]).max() <= 1
+    )
+    second_start = (
+        "import sys; from pathlib import Path; from torch._dynamo.utils import counters\n"
+        "from hotfolder.engine import MattingEngine\n"
+        "engine = MattingEngine('u2netp', Path(sys.argv[1]), device='cpu', cpu_threads=1,"
+        " compile_cache=Path(sys.argv[2]))\n"
+        "engine.setup()\n"
+        "print('hits', counters['inductor']['fxgraph_cache_hit'],"
+        " 'misses', counters['inductor']['fxgraph_cache_miss'])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", second_start, str(WEIGHTS), str(cache)],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "hits 1 misses 0" in result.stdout, result.stdout + result.stderr
+
+
+def test_cuda_graph_batch_sizes() -> None:
+    assert cudagraphs.batch_sizes(1) == [1]
+    assert cudagraphs.batch_sizes(3) == [1, 2, 4]
+    assert cudagraphs.batch_sizes(16) == [1, 2, 4, 8, 12, 16]
+    assert cudagraphs.batch_sizes(64) == [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]
+    assert cudagraphs.batch_sizes(100)[-2:] == [96, 128]
+    sizes = cudagraphs.batch_sizes(64)
+    assert [cudagraphs.smallest_holding(sizes, n) for n in (1, 3, 9, 17, 64)] == [1, 4, 12, 24, 64]
+    assert cudagraphs.smallest_holding(sizes, 65) is None
+    assert MattingEngine("u2netp", WEIGHTS, device="cpu").graph_sizes == []  # CUDA only
 
 
 class SmallDevice(torch.nn.Module):
