@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,12 +35,16 @@ import torch
 import yaml
 from PIL import Image
 
+from hotfolder.engine import MattingEngine
+
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "weights" / "u2netp.safetensors"
 
 
 def make_photos(folder: Path, count: int, megapixels: float) -> list[Path]:
-    """``count`` JPEGs (q92) of about ``megapixels`` MP, 4:3, cut from real photos."""
+    """``count`` JPEGs (q92) of about ``megapixels`` MP, 4:3, cut from real photos: eight
+    different ones (four photos, mirrored or not), the rest hard links to them, so that long
+    runs cost no time to prepare."""
     from skimage import data
 
     sources = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
@@ -48,11 +53,14 @@ def make_photos(folder: Path, count: int, megapixels: float) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(count):
-        photo = Image.fromarray(sources[i % len(sources)])
-        if i // len(sources) % 2:
-            photo = photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT)  # not all identical
         path = folder / f"photo-{i:05d}.jpg"
-        photo.resize((width, height), Image.Resampling.BICUBIC).save(path, quality=92)
+        if i >= 2 * len(sources):
+            os.link(paths[i % (2 * len(sources))], path)
+        else:
+            photo = Image.fromarray(sources[i % len(sources)])
+            if i >= len(sources):
+                photo = photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            photo.resize((width, height), Image.Resampling.BICUBIC).save(path, quality=92)
         paths.append(path)
     return paths
 
@@ -60,26 +68,33 @@ def make_photos(folder: Path, count: int, megapixels: float) -> list[Path]:
 def model_only(
     device: str, precisions: list[str], batches: list[int], seconds: float
 ) -> list[dict]:
-    from hotfolder.engine import MattingEngine
-
+    """img/s of the model alone, as the engine runs it: on a GPU from CUDA graphs and eagerly
+    (kernel by kernel), on the CPU side by side on the cores."""
     rows = []
     for precision in precisions:
-        engine = MattingEngine("u2netp", WEIGHTS, device=device, precision=precision)
-        engine.setup()
-        for batch in batches:
-            x = torch.rand(batch, 3, 320, 320, device=engine.device)
-            engine.run_model(x)  # warm this shape
-            sync(engine.device)
-            runs, started = 0, time.perf_counter()
-            while time.perf_counter() - started < seconds or runs < 2:
-                engine.run_model(x)
-                runs += 1
-            sync(engine.device)
-            took = time.perf_counter() - started
-            rows.append({"precision": precision, "batch": batch,
-                         "img_per_s": round(runs * batch / took, 1)})  # fmt: skip
-            print(f"  model {precision} batch {batch}: {rows[-1]['img_per_s']} img/s", flush=True)
+        for graphs in (True, False) if torch.cuda.is_available() and device != "cpu" else (False,):
+            engine = MattingEngine("u2netp", WEIGHTS, device=device, precision=precision,
+                                   max_batch=max(batches), cuda_graphs=graphs)  # fmt: skip
+            engine.setup()
+            for batch in batches:
+                speed = round(batch / seconds_per_run(engine, batch, seconds), 1)
+                rows.append({"precision": precision, "cuda_graphs": graphs, "batch": batch,
+                             "img_per_s": speed})  # fmt: skip
+                print(f"  model {precision} graphs {graphs} batch {batch}: {speed} img/s",
+                      flush=True)  # fmt: skip
     return rows
+
+
+def seconds_per_run(engine: MattingEngine, batch: int, seconds: float) -> float:
+    x = torch.rand(batch, 3, 320, 320, device=engine.device)
+    engine.run_model(x)  # warm this shape
+    sync(engine.device)
+    runs, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds or runs < 2:
+        engine.run_model(x)
+        runs += 1
+    sync(engine.device)
+    return (time.perf_counter() - started) / runs
 
 
 def sync(device: torch.device) -> None:
@@ -99,17 +114,16 @@ def rss_sampler(pid: int, samples: list[tuple[float, int]], stop: threading.Even
         stop.wait(0.25)
 
 
-def end_to_end(photos: list[Path], work: Path, device: str, batch: int, workers: int) -> dict:
-    """`hotfolder run --once` over the photos; cutouts only, as rembg writes them."""
+def write_config(work: Path, device: str, batch: int, workers: int) -> Path:
+    """A daemon config under ``work`` writing cutouts only, as rembg does."""
     inbox = work / "inbox"
     inbox.mkdir(parents=True)
-    for photo in photos:
-        os.link(photo, inbox / photo.name)
     config = {
         "model": {"weights": str(WEIGHTS), "device": device},
         "batching": {"max_batch_size": batch, "max_wait_ms": 20},
         "daemon": {"workers": workers},
         "journal": str(work / "journal.sqlite3"),
+        "metrics": {"listen": ""},
         "inboxes": [{
             "name": "bench", "path": str(inbox), "outbox": str(work / "outbox"),
             "done": str(work / "done"), "errors": str(work / "errors"), "settle_ms": 0,
@@ -117,12 +131,20 @@ def end_to_end(photos: list[Path], work: Path, device: str, batch: int, workers:
         }],
     }  # fmt: skip
     (work / "config.yaml").write_text(yaml.safe_dump(config))
+    return work / "config.yaml"
+
+
+def end_to_end(photos: list[Path], work: Path, device: str, batch: int, workers: int) -> dict:
+    """`hotfolder run --once` over the photos."""
+    config = write_config(work, device, batch, workers)
+    for photo in photos:
+        os.link(photo, work / "inbox" / photo.name)
     samples: list[tuple[float, int]] = []
     stop = threading.Event()
     started = time.monotonic()
     with (work / "log").open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "hotfolder", "run", "--once", "-c", str(work / "config.yaml")],
+            [sys.executable, "-m", "hotfolder", "run", "--once", "-c", str(config)],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
     sampler = threading.Thread(target=rss_sampler, args=(process.pid, samples, stop), daemon=True)
@@ -162,6 +184,51 @@ def end_to_end(photos: list[Path], work: Path, device: str, batch: int, workers:
         "rss_growth_after_warmup_pct": None if growth is None else round(growth, 1),
         "peak_gpu_memory_mb": round(peak_gpu / 2**20) if peak_gpu else None,
     }
+
+
+def idle_daemon(photo: Path, work: Path, device: str, batch: int, drops: int = 5) -> dict:
+    """A resident daemon: seconds from start until it serves (model loaded and warmed), then
+    the time from a file's arrival (renamed into the inbox, as a copy tool finishes) until its
+    cutout is published, one file at a time into an idle daemon."""
+    config = write_config(work, device, batch, 0)
+    started = time.monotonic()
+    log_path = work / "log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "hotfolder", "run", "-c", str(config)],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        wait_until(lambda: b"serving" in log_path.read_bytes(), 600, process)
+        ready = time.monotonic() - started
+        latencies = []
+        for i in range(drops):
+            staged = work / f".drop-{i}.jpg"
+            os.link(photo, staged)
+            cutout = work / "outbox" / f"drop-{i}.png"
+            dropped = time.monotonic()
+            os.rename(staged, work / "inbox" / f"drop-{i}.jpg")
+            wait_until(cutout.exists, 60, process)
+            latencies.append(time.monotonic() - dropped)
+            time.sleep(0.5)  # idle again
+    finally:
+        process.terminate()
+        process.wait(60)
+    return {
+        "ready_s": round(ready, 2),
+        "single_file_latency_ms": [round(x * 1000) for x in latencies],
+        "single_file_latency_p50_ms": round(statistics.median(latencies) * 1000),
+    }
+
+
+def wait_until(done: Callable[[], bool], timeout: float, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if process.poll() is not None:
+            raise SystemExit(f"hotfolder exited {process.returncode}")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"nothing after {timeout} s")
+        time.sleep(0.002)
 
 
 def rembg_like_p(photos: list[Path], out: Path) -> dict:
@@ -205,6 +272,8 @@ def main() -> None:
     parser.add_argument("--model-seconds", type=float, default=3.0)
     parser.add_argument("--workers", type=int, default=0, help="daemon.workers (0: per core)")
     parser.add_argument("--skip-rembg", action="store_true")
+    parser.add_argument("--rembg-images", type=int, default=0,
+                        help="rembg on the first N photos only (0: all of them)")  # fmt: skip
     args = parser.parse_args()
     gpu = torch.cuda.is_available() and args.device != "cpu"
     batch = args.batch or (64 if gpu else 16)
@@ -212,7 +281,8 @@ def main() -> None:
     print("model only", flush=True)
     precisions = ["fp16", "fp32"] if gpu else ["fp32"]
     batches = [1, 8, 32, 64, 128] if gpu else [1, 4, 16]
-    results["model_only"] = model_only(args.device, precisions, batches, args.model_seconds)
+    if args.model_seconds > 0:
+        results["model_only"] = model_only(args.device, precisions, batches, args.model_seconds)
     results["end_to_end"] = {}
     with tempfile.TemporaryDirectory(prefix="hotfolder-bench-") as tmp:
         for mp in args.megapixels:
@@ -220,10 +290,12 @@ def main() -> None:
             print(f"{mp} MP × {len(photos)}: hotfolder run --once", flush=True)
             work = Path(tmp) / f"hotfolder-{mp}"
             ours = end_to_end(photos, work, args.device, batch, args.workers)
-            entry = {"hotfolder": ours}
+            idle = idle_daemon(photos[0], Path(tmp) / f"idle-{mp}", args.device, batch)
+            entry = {"hotfolder": ours, "idle_daemon": idle}
             if not args.skip_rembg:
                 print(f"{mp} MP × {len(photos)}: rembg, one file after another", flush=True)
-                theirs = rembg_like_p(photos, Path(tmp) / f"rembg-{mp}")
+                subset = photos[: args.rembg_images or len(photos)]
+                theirs = rembg_like_p(subset, Path(tmp) / f"rembg-{mp}")
                 entry["rembg"] = theirs
                 entry["ratio_wall"] = round(ours["img_per_s_wall"] / theirs["img_per_s"], 2)
                 entry["ratio_steady"] = round(ours["img_per_s_steady"] / theirs["img_per_s"], 2)
@@ -234,18 +306,25 @@ def main() -> None:
 
 def table(results: dict) -> str:
     lines = [f"machine: {results['machine']}", "", "model only (320×320):"]
-    lines += [f"  {r['precision']:5} batch {r['batch']:4}: {r['img_per_s']:8} img/s"
-              for r in results["model_only"]]  # fmt: skip
+    lines += [f"  {r['precision']:5} {'graphs' if r['cuda_graphs'] else 'eager':6} "
+              f"batch {r['batch']:4}: {r['img_per_s']:8} img/s"
+              for r in results.get("model_only", [])]  # fmt: skip
     for size, entry in results["end_to_end"].items():
         ours = entry["hotfolder"]
         lines += ["", f"end to end, {size} JPEG → RGBA PNG, {ours['images']} images:",
                   f"  hotfolder: {ours['img_per_s_steady']} img/s steady, "
                   f"{ours['img_per_s_wall']} img/s wall (start-up included); latency p50 "
                   f"{ours['latency_p50_s']} s, p95 {ours['latency_p95_s']} s; peak RSS "
-                  f"{ours['peak_rss_mb']} MB; GPU {ours['peak_gpu_memory_mb']} MB"]  # fmt: skip
+                  f"{ours['peak_rss_mb']} MB (growth after warm-up "
+                  f"{ours['rss_growth_after_warmup_pct']} %); GPU {ours['peak_gpu_memory_mb']} MB",
+                  f"  idle daemon: ready {entry['idle_daemon']['ready_s']} s after start; one "
+                  f"file published {entry['idle_daemon']['single_file_latency_p50_ms']} ms after "
+                  "it arrived (median)"]  # fmt: skip
         if "rembg" in entry:
             ratio = f"{entry['ratio_steady']}× steady, {entry['ratio_wall']}× wall"
-            lines += [f"  rembg:     {entry['rembg']['img_per_s']} img/s", f"  ratio:     {ratio}"]
+            theirs = entry["rembg"]
+            lines += [f"  rembg:     {theirs['img_per_s']} img/s ({theirs['images']} images)",
+                      f"  ratio:     {ratio}"]  # fmt: skip
     return "\n".join(lines)
 
 
