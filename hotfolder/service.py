@@ -86,6 +86,7 @@ class Inferred:
     batch_size: int
     queue_seconds: float
     inference_seconds: float
+    inferred_at: float  # wall clock, for the journal
 
 
 class Service:
@@ -433,7 +434,6 @@ class Service:
                          f"failed or stopped the daemon {claim.attempts} times")  # fmt: skip
             return True
         claim = inbox.claims.record_attempt(claim)
-        self.journal.update(claim.job_id, attempts=claim.attempts)
         started = time.monotonic()
         try:
             data = imaging.read_file(claim.source, self.config.limits.max_bytes)
@@ -472,7 +472,8 @@ class Service:
         return not stopped
 
     def _infer(self, batch: list[Decoded]) -> list[Inferred]:
-        """The batch through the model, with its metrics and journal entries."""
+        """The batch through the model, with its metrics. The journal is written when each job
+        ends, off this thread."""
         if not batch:
             return []
         started = time.monotonic()
@@ -482,14 +483,12 @@ class Service:
         self.metrics.batch_size.observe(len(batch))
         self.metrics.executions.inc()
         self.metrics.inferences.inc(len(batch))
-        now, device = time.time(), str(self.engine.device)
+        now = time.time()
         results = []
         for (decoded, alpha), size in zip(pairs, sizes, strict=True):
             waited = started - decoded.decoded_at
             self.metrics.stage.labels("queue").observe(waited)
-            results.append(Inferred(decoded, alpha, size, waited, took))
-            self.journal.update(decoded.claim.job_id, inferred_at=now, batch_size=size,
-                                device=device)  # fmt: skip
+            results.append(Inferred(decoded, alpha, size, waited, took, now))
         return results
 
     def _predict(self, batch: list[Decoded]) -> tuple[list[tuple[Decoded, np.ndarray]], list[int]]:
@@ -548,11 +547,14 @@ class Service:
             return False
         decoded = item.decoded
         inbox, claim = decoded.inbox, decoded.claim
+        inference = {"inferred_at": item.inferred_at, "batch_size": item.batch_size,
+                     "device": str(self.engine.device)}  # fmt: skip
         started = time.monotonic()
         try:
             files = self._render(inbox, claim, decoded.picture, item.alpha)
         except (ValueError, ImageError) as exc:
-            self._reject(inbox, claim, Reason.ENCODE, f"cannot encode outputs: {exc}")
+            message = f"cannot encode outputs: {exc}"
+            self._reject(inbox, claim, Reason.ENCODE, message, inference)
             return True
         encoded = time.monotonic()
         self.metrics.stage.labels("encode").observe(encoded - started)
@@ -569,7 +571,8 @@ class Service:
             "inference": item.inference_seconds, "encode": encoded - started,
             "publish": time.monotonic() - encoded,
         }  # fmt: skip
-        record = {"sha256": decoded.sha256, "outputs": [str(path) for path, _ in files]}
+        record = {**inference, "attempts": claim.attempts, "sha256": decoded.sha256,
+                  "outputs": [str(path) for path, _ in files]}  # fmt: skip
         self._close_archived(inbox, claim, record, timings, item.batch_size)
         return True
 
@@ -657,8 +660,16 @@ class Service:
                         inbox.config.name, claim.relative)  # fmt: skip
         self._count(-1)
 
-    def _reject(self, inbox: Inbox, claim: Claim, reason: Reason, message: str) -> None:
-        """Move the file to errors/ with a sidecar saying why."""
+    def _reject(
+        self,
+        inbox: Inbox,
+        claim: Claim,
+        reason: Reason,
+        message: str,
+        columns: dict[str, Any] | None = None,
+    ) -> None:
+        """Move the file to errors/ with a sidecar saying why; ``columns`` are more journal
+        fields of the job."""
         cfg = inbox.config
         log.warning(
             "%s/%s: failed: %s (%s)", cfg.name, claim.relative, message, reason.value,
@@ -682,7 +693,8 @@ class Service:
         claim = inbox.claims.record_outcome(claim, "failed")
         self._file_original(cfg, claim)
         self.metrics.failures.labels(cfg.name, reason.value).inc()
-        record = {"reason": reason.value, "error": message, "attempts": claim.attempts}
+        record = {**(columns or {}), "reason": reason.value, "error": message,
+                  "attempts": claim.attempts}  # fmt: skip
         self._close_archived(inbox, claim, record)
 
 
