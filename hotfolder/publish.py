@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 DEFAULT_FILE_MODE = 0o644
 MAX_NAME_BYTES = 255
@@ -33,16 +34,20 @@ def write_atomic(path: Path, data: bytes, mode: int = DEFAULT_FILE_MODE) -> None
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:200]}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
+            _write_synced(f, data, mode)
         os.replace(temp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
         raise
     fsync_dir(path.parent)
+
+
+def _write_synced(f: BinaryIO, data: bytes, mode: int) -> None:
+    f.write(data)
+    f.flush()
+    os.fchmod(f.fileno(), mode)
+    os.fsync(f.fileno())
 
 
 def move_file(source: Path, target: Path) -> None:
@@ -82,11 +87,9 @@ def place_outputs(files: list[tuple[Path, bytes]], staging: Path, mode: int) -> 
     for index, (target, data) in enumerate(files):
         path = staging / f"output-{index}"
         with path.open("wb") as f:
-            f.write(data)
-            os.fchmod(f.fileno(), mode)
-            f.flush()
-            os.fsync(f.fileno())
+            _write_synced(f, data, mode)
         staged.append((path, target, data))
+    renamed_into = set()
     for path, target, data in staged:
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -96,7 +99,9 @@ def place_outputs(files: list[tuple[Path, bytes]], staging: Path, mode: int) -> 
                 raise
             write_atomic(target, data, mode)  # another filesystem: hidden temp beside it
             continue
-        fsync_dir(target.parent)
+        renamed_into.add(target.parent)
+    for folder in renamed_into:  # once per folder: a job's outputs usually share one
+        fsync_dir(folder)
 
 
 def error_report_path(target: Path, tag: str) -> Path:
