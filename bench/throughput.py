@@ -142,11 +142,7 @@ def end_to_end(photos: list[Path], work: Path, device: str, batch: int, workers:
     samples: list[tuple[float, int]] = []
     stop = threading.Event()
     started = time.monotonic()
-    with (work / "log").open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "hotfolder", "run", "--once", "-c", str(config)],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    process = start_daemon(config, work / "log", "--once")
     sampler = threading.Thread(target=rss_sampler, args=(process.pid, samples, stop), daemon=True)
     sampler.start()
     code = process.wait()
@@ -193,11 +189,7 @@ def idle_daemon(photo: Path, work: Path, device: str, batch: int, drops: int = 5
     config = write_config(work, device, batch, 0)
     started = time.monotonic()
     log_path = work / "log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "hotfolder", "run", "-c", str(config)],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    process = start_daemon(config, log_path)
     try:
         wait_until(lambda: b"serving" in log_path.read_bytes(), 600, process)
         ready = time.monotonic() - started
@@ -219,6 +211,15 @@ def idle_daemon(photo: Path, work: Path, device: str, batch: int, drops: int = 5
         "single_file_latency_ms": [round(x * 1000) for x in latencies],
         "single_file_latency_p50_ms": round(statistics.median(latencies) * 1000),
     }
+
+
+def start_daemon(config: Path, log: Path, *options: str) -> subprocess.Popen:
+    """`hotfolder run` on ``config``, its output in ``log``."""
+    with log.open("wb") as output:
+        return subprocess.Popen(
+            [sys.executable, "-m", "hotfolder", "run", *options, "-c", str(config)],
+            cwd=ROOT, stdout=output, stderr=subprocess.STDOUT,
+        )  # fmt: skip
 
 
 def wait_until(done: Callable[[], bool], timeout: float, process: subprocess.Popen) -> None:

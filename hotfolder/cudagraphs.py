@@ -23,9 +23,10 @@ log = logging.getLogger(__name__)
 def batch_sizes(largest: int) -> list[int]:
     """1, 2, 4, 8, then steps of a half (12, 16, 24, 32, 48, 64, …) up to the first size that
     holds ``largest``: a batch never pads by more than half of itself beyond 8."""
-    sizes = [1, 2, 4, 8]
+    sizes, power = [1, 2, 4, 8], 8
     while sizes[-1] < largest:
-        sizes.append(sizes[-1] * 3 // 2 if sizes[-1] & (sizes[-1] - 1) == 0 else sizes[-2] * 2)
+        sizes += [power * 3 // 2, power * 2]
+        power *= 2
     return [s for s in sizes if s < largest] + [next(s for s in sizes if s >= largest)]
 
 
