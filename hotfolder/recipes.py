@@ -44,7 +44,7 @@ class Output:
     name: str = ""
     background: tuple[int, int, int] = (255, 255, 255)
     quality: int = 92  # JPEG
-    # PNG: "fast" (ISA-L deflate: about 6x faster to write than zlib, files about 10 % larger)
+    # PNG: "fast" (ISA-L deflate: 7-9x faster to write than zlib, files about 10 % larger)
     # or a zlib level 0–9, for when size matters more than speed.
     compression: int | str = FAST_PNG
     # Cutouts: black out the colour of fully transparent pixels. Nobody sees it, and the PNG is
@@ -181,8 +181,8 @@ def render(output: Output, picture: imaging.Picture, alpha: np.ndarray) -> bytes
 
 def cutout(rgb: np.ndarray, alpha: np.ndarray, clear_transparent: bool) -> np.ndarray:
     """RGBA pixels: the photo with ``alpha`` as its alpha channel, its colour zeroed where the
-    alpha is 0 if asked. OpenCV's masked AND and channel merge do in 3 ms on a 1 MP photo what
-    NumPy's boolean indexing and dstack take 60 ms for."""
+    alpha is 0 if asked. OpenCV's masked AND and channel merge do in 1.4–2 ms on a 1 MP photo
+    what NumPy's boolean indexing and dstack take 15–20 ms for."""
     if clear_transparent:
         rgb = cv2.bitwise_and(rgb, rgb, mask=alpha)
     rgba: np.ndarray = cv2.merge((*cv2.split(rgb), alpha))
@@ -190,7 +190,8 @@ def cutout(rgb: np.ndarray, alpha: np.ndarray, clear_transparent: bool) -> np.nd
 
 
 def composite(rgb: np.ndarray, alpha: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
-    """The photo over a solid colour, weighted by ``alpha`` (OpenCV: 3× NumPy's speed)."""
+    """The photo over a solid colour, weighted by ``alpha``. OpenCV blends 1 MP in 8–10 ms, NumPy
+    in 13–20."""
     weight = alpha.astype(np.float32) * np.float32(1 / 255)
     colour = np.empty_like(rgb)
     colour[:] = background
