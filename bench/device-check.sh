@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, as one script for a lent GPU machine (see bench/README.md): the GPU tests, then
 # the benchmark; everything lands in $OUT as JSON and logs. Carry .whl (bench/fetch-wheels.sh
-# fills it) with it. Usage there: bash bench/device-check.sh   (about 9 minutes in all)
+# fills it) with it. Usage there: bash bench/device-check.sh   (steps cut off after 580 s in all)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp/hotfolder-device-out}"
