@@ -56,6 +56,24 @@ class Claim:
         return PurePosixPath(self.relative).name
 
 
+def _read_record(folder: Path) -> Claim | None:
+    """The claim recorded in ``folder``, or None when the record is missing, unreadable, of
+    another shape, or names a path that leaves the inbox."""
+    try:
+        saved = json.loads((folder / JOB_FILE).read_text(encoding="utf-8"))
+        saved["folder"] = folder
+        claim = Claim(**saved)
+    except (OSError, ValueError, TypeError):
+        return None
+    relative = PurePosixPath(claim.relative) if isinstance(claim.relative, str) else None
+    if relative is None or relative.is_absolute() or ".." in relative.parts or not relative.name:
+        return None
+    fields = (claim.size, claim.attempts)
+    if not all(isinstance(v, int) for v in fields) or not isinstance(claim.outcome, str):
+        return None
+    return claim
+
+
 def owner_name() -> str:
     host = "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname())
     return f"{host}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
@@ -194,20 +212,15 @@ class ClaimStore:
                 os.rename(job_dir, target)
             except OSError:
                 return None  # another daemon adopted it first
-        try:
-            saved = json.loads((target / JOB_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            saved = None
-        if saved is None:
+        claim = _read_record(target)
+        if claim is None:
             # Died between creating the folder and claiming: nothing was taken. A source
-            # without its record cannot happen (the record is written first), but if it ever
-            # does, the file goes back to the inbox under a name that says so.
+            # without a usable record cannot happen (the record is written first), but if it
+            # ever does, the file goes back to the inbox under a name that says so.
             if os.path.lexists(target / SOURCE):
                 os.rename(target / SOURCE, self.root / f"recovered-{job_dir.name}")
             shutil.rmtree(target, ignore_errors=True)
             return None
-        saved["folder"] = target
-        claim = Claim(**saved)
         if not os.path.lexists(claim.source) and not claim.outcome:
             shutil.rmtree(target, ignore_errors=True)  # the claim itself never happened
             return None

@@ -221,7 +221,8 @@ def run_matte(args: argparse.Namespace) -> int:
     bar = tqdm(total=len(tasks), unit="img", disable=not sys.stderr.isatty())
     with bar, logging_redirect_tqdm():
         matte.run(engine, tasks, cfg.batching.max_batch_size, cfg.limits, summary, bar.update)
-    log.info("%d written to %s, %d failed", summary.written, args.outdir, len(summary.failed))
+    log.info("%d written to %s, %d skipped (not images), %d failed", summary.written,
+             args.outdir, len(summary.skipped), len(summary.failed))  # fmt: skip
     return EXIT_FAILED if summary.failed else EXIT_OK
 
 

@@ -7,6 +7,7 @@ the same whatever its working directory.
 
 from __future__ import annotations
 
+import grp
 import os
 import string
 from collections.abc import Mapping
@@ -16,7 +17,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from hotfolder import imaging, recipes
+from hotfolder import imaging, naming, publish, recipes
 
 CONFIG_ENV = "HOTFOLDER_CONFIG"
 DEFAULT_CONFIG = Path("config.yaml")
@@ -65,6 +66,9 @@ class InboxConfig:
     settle_ms: int = 1000
     polling: bool = False
     outputs: tuple[recipes.Output, ...] = (recipes.Output(kind=recipes.Kind.CUTOUT),)
+    # Two different inputs whose outputs would share a name (item.jpg and item.png).
+    collisions: naming.Collision = naming.Collision.SUFFIX
+    permissions: publish.Permissions = publish.DEFAULT_PERMISSIONS
 
 
 @dataclass(frozen=True)
@@ -226,11 +230,20 @@ def ensure_folders(config: Config) -> None:
     for i, inbox in enumerate(config.inboxes):
         for label in ("path", "outbox", "done", "errors"):
             folders.append((f"inboxes[{i}].{label}", getattr(inbox, label)))
+    created_by_us = {inbox.outbox: inbox.permissions for inbox in config.inboxes}
+    created_by_us |= {inbox.errors: inbox.permissions for inbox in config.inboxes}
+    created_by_us |= {inbox.done: inbox.permissions for inbox in config.inboxes if inbox.done}
     for key, folder in folders:
         if folder is None:
             continue
         try:
+            existed = folder.is_dir()
             folder.mkdir(parents=True, exist_ok=True)
+            perms = created_by_us.get(folder)
+            if perms is not None and not existed:  # the umask does not decide who reads them
+                os.chmod(folder, perms.dir_mode)
+                if perms.gid is not None:
+                    os.chown(folder, -1, perms.gid)
         except OSError as exc:
             raise ConfigError(
                 f"{key}: cannot create {folder}: {exc.strerror}; "
@@ -254,7 +267,8 @@ def _limits(raw: Any) -> LimitsConfig:
 def _inbox(raw: Any, key: str, base: Path) -> InboxConfig:
     section = _mapping(raw, key)
     known = {"name", "path", "outbox", "done", "errors", "originals", "recursive"}
-    _known(section, key, known | {"settle_ms", "polling", "outputs"})
+    known |= {"settle_ms", "polling", "outputs", "collisions", "file_mode", "dir_mode", "group"}
+    _known(section, key, known)
     for required in ("name", "path", "outbox", "errors"):
         if required not in section:
             raise ConfigError(f"{key}.{required}: missing; every inbox needs one")
@@ -285,7 +299,44 @@ def _inbox(raw: Any, key: str, base: Path) -> InboxConfig:
         settle_ms=_non_negative(section, f"{key}.settle_ms", 1000),
         polling=_get(section, f"{key}.polling", bool, False),
         outputs=outputs or InboxConfig.outputs,
+        collisions=_collisions(section, f"{key}.collisions"),
+        permissions=_permissions(section, key),
     )
+
+
+def _collisions(section: Mapping[str, Any], key: str) -> naming.Collision:
+    value = _get(section, key, str, naming.Collision.SUFFIX.value)
+    try:
+        return naming.Collision(value)
+    except ValueError:
+        choices = ", ".join(c.value for c in naming.Collision)
+        raise ConfigError(f"{key}: {value!r} is not one of {choices}") from None
+
+
+def _permissions(section: Mapping[str, Any], key: str) -> publish.Permissions:
+    """Modes as quoted octal strings (YAML reads an unquoted 0644 as 420, and 644 as decimal),
+    the group as a name or a number."""
+    modes = []
+    for name, default in (("file_mode", "0644"), ("dir_mode", "0755")):
+        value = section.get(name, default)
+        text = value[2:] if isinstance(value, str) and value.startswith("0o") else value
+        if not isinstance(text, str) or not text or set(text) - set("01234567") or len(text) > 4:
+            raise ConfigError(
+                f'{key}.{name}: expected an octal mode in quotes such as "{default}", got {value!r}'
+            )
+        modes.append(int(text, 8))
+    group = section.get("group")
+    gid: int | None = None
+    if isinstance(group, int) and not isinstance(group, bool) and group >= 0:
+        gid = group
+    elif isinstance(group, str) and group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ConfigError(f"{key}.group: no group named {group!r} on this machine") from None
+    elif group is not None:
+        raise ConfigError(f"{key}.group: expected a group name or number, got {group!r}")
+    return publish.Permissions(file_mode=modes[0], dir_mode=modes[1], gid=gid)
 
 
 def _check_inboxes(inboxes: tuple[InboxConfig, ...]) -> None:

@@ -9,6 +9,7 @@ instead of returning a half-grey picture.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import stat
@@ -57,6 +58,8 @@ def read_file(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
     except OSError as exc:
         if os.path.islink(path):
             raise ImageError(Reason.NOT_A_FILE, "is a symbolic link, not a file") from exc
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise ImageError(Reason.UNREADABLE, "cannot be read: permission denied") from exc
         raise
     try:
         info = os.fstat(fd)

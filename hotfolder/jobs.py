@@ -17,6 +17,10 @@ class Reason(enum.StrEnum):
     INFERENCE = "inference_failed"
     ENCODE = "encode_failed"
     REPEATED_FAILURE = "repeated_failure"
+    UNREADABLE = "unreadable"  # the daemon may not read the file (permissions)
+    NAME_COLLISION = "name_collision"  # collisions: error, and another input has the name
+    UNSAFE_PATH = "unsafe_path"  # a symbolic link where an output folder should be
+    RECOVERY = "recovery_failed"  # a job left by a stopped daemon that could not be resumed
 
 
 class ImageError(Exception):

@@ -2,6 +2,13 @@
 
 One row per job, keyed by the job id that the claim gave it, so a job resumed after a crash
 updates its row instead of adding one. WAL mode lets several daemons on one host share the file.
+File names are stored as :func:`hotfolder.names.escape` gives them: UTF-8 text that says which
+bytes the name had, whatever they were.
+
+The journal also knows which input owns each output name (``output_names``: the output's escaped
+absolute path, and ``<inbox>:<escaped input path>``), so that two different inputs never share
+an output name while a re-upload of the same input replaces its own outputs
+(:mod:`hotfolder.naming`). Daemons that share one journal also share that knowledge.
 """
 
 from __future__ import annotations
@@ -10,7 +17,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +44,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     host TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_time ON jobs (claimed_at);
+CREATE TABLE IF NOT EXISTS output_names (
+    path TEXT PRIMARY KEY,
+    owner TEXT NOT NULL
+);
 """
 
 COLUMNS = [
@@ -102,6 +113,35 @@ class Journal:
         assignments = ", ".join(f"{name} = ?" for name in fields)
         with self._locked() as db:
             db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", [*fields.values(), job_id])
+
+    def reserve(self, owner: str, names: Sequence[str], taken: Callable[[str], bool]) -> bool:
+        """Register the output ``names`` to ``owner`` in one transaction, unless one belongs to
+        another owner or has none but ``taken(name)`` (a file nobody registered holds it).
+        True when every name is now ``owner``'s. See :class:`hotfolder.naming.NameRegistry`."""
+        marks = ", ".join("?" for _ in names)
+        with self._locked() as db:
+            db.execute("BEGIN IMMEDIATE")  # one writer at a time, across daemons too
+            try:
+                sql = f"SELECT path, owner FROM output_names WHERE path IN ({marks})"
+                owners = dict(db.execute(sql, list(names)).fetchall())
+                free = all(
+                    owners[name] == owner if name in owners else not taken(name) for name in names
+                )
+                if free:
+                    self._assign(db, owner, names)
+            finally:
+                db.execute("COMMIT")
+        return free
+
+    def assign(self, owner: str, names: Sequence[str]) -> None:
+        """Register ``names`` to ``owner``, whoever had them."""
+        with self._locked() as db:
+            self._assign(db, owner, names)
+
+    @staticmethod
+    def _assign(db: sqlite3.Connection, owner: str, names: Sequence[str]) -> None:
+        sql = "INSERT OR REPLACE INTO output_names (path, owner) VALUES (?, ?)"
+        db.executemany(sql, [(name, owner) for name in names])
 
     def forget(self, job_id: str) -> None:
         """Drop the row of a claim that was put back untouched: it will be a new job."""

@@ -15,13 +15,17 @@ from pathlib import Path
 
 import numpy as np
 
-from hotfolder import imaging, recipes
+from hotfolder import imaging, names, naming, recipes
 from hotfolder.config import LimitsConfig
 from hotfolder.engine import MattingEngine
-from hotfolder.jobs import ImageError
+from hotfolder.jobs import ImageError, Reason
 from hotfolder.publish import write_atomic
 
 log = logging.getLogger(__name__)
+
+# Names that say "photo": such a file that cannot be read is a failure, never skipped.
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+IMAGE_SUFFIXES |= {".heic", ".heif", ".avif", ".jfif", ".mpo"}
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,7 @@ class Task:
 
     source: Path
     targets: tuple[tuple[recipes.Output, Path], ...]
+    from_folder: bool = False  # found by walking a folder, rather than named by the user
 
 
 @dataclass
@@ -37,53 +42,60 @@ class Summary:
     written: int = 0
     failed: list[tuple[Path, str]] = field(default_factory=list)
 
+    skipped: list[Path] = field(default_factory=list)
+
     def fail(self, path: Path, message: str) -> None:
-        log.error("%s: %s", path, message)
+        log.error("%s: %s", names.escape(str(path)), message)
         self.failed.append((path, message))
+
+    def skip(self, path: Path, message: str) -> None:
+        log.info("%s: skipped: %s", names.escape(str(path)), message)
+        self.skipped.append(path)
 
 
 def is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def find_inputs(inputs: Iterable[Path]) -> Iterator[tuple[Path, Path]]:
-    """(file, its output subfolder relative to OUTDIR): folders are walked, hidden names skipped,
-    and their subfolders mirrored; files given directly land at the top of OUTDIR."""
+def find_inputs(inputs: Iterable[Path]) -> Iterator[tuple[Path, Path, bool]]:
+    """(file, its output subfolder relative to OUTDIR, found in a folder): folders are walked,
+    hidden names skipped, and their subfolders mirrored; files given directly land at the top
+    of OUTDIR."""
     for given in inputs:
         if not given.is_dir():
-            yield given, Path()
+            yield given, Path(), False
             continue
         for folder, subfolders, files in os.walk(given):
             subfolders[:] = sorted(d for d in subfolders if not is_hidden(d))
             relative = Path(folder).relative_to(given)
             for name in sorted(files):
                 if not is_hidden(name):
-                    yield Path(folder) / name, relative
+                    yield Path(folder) / name, relative, True
 
 
 def plan(
     inputs: Iterable[Path], outdir: Path, outputs: tuple[recipes.Output, ...], summary: Summary
 ) -> list[Task]:
-    """Tasks with their output paths; an input whose outputs would overwrite an input or another
-    task's outputs is reported instead of clobbering anything."""
+    """Tasks with their output paths. Two inputs whose outputs would share a name (``item.jpg``
+    and ``item.png``) get numbered names (``item.png``, ``item-2.png``), as in the daemon; an
+    output never replaces an input."""
     files = list(find_inputs(inputs))
-    sources = {path.resolve() for path, _ in files}
-    taken: dict[Path, Path] = {}
+    sources = {str(path.resolve()) for path, _, _ in files}
+    registry = naming.MemoryRegistry()
     tasks = []
-    for source, relative in files:
-        targets = tuple(
-            (output, outdir / relative / output.filename(source.stem, source.suffix))
-            for output in outputs
+    for source, relative, from_folder in files:
+        owner = str(source.resolve())
+        paths = naming.choose(
+            outputs,
+            (relative / source.name).as_posix(),
+            naming.Collision.SUFFIX,
+            owner,
+            registry,
+            key=lambda path: str((outdir / path).resolve()),
+            taken=lambda key: key in sources,
         )
-        clash = next(
-            (t for _, t in targets if t.resolve() in sources or t.resolve() in taken), None
-        )
-        if clash is not None:
-            other = taken.get(clash.resolve(), clash)
-            summary.fail(source, f"its output {clash} would overwrite {other}; skipped")
-            continue
-        taken.update({t.resolve(): source for _, t in targets})
-        tasks.append(Task(source, targets))
+        targets = tuple(zip(outputs, (outdir / p for p in paths), strict=True))
+        tasks.append(Task(source, targets, from_folder))
     return tasks
 
 
@@ -121,7 +133,10 @@ def run(
                 try:
                     decoded.append((task, future.result()))
                 except (ImageError, OSError) as exc:
-                    summary.fail(task.source, _describe(exc))
+                    if task.from_folder and _not_an_image(task.source, exc):
+                        summary.skip(task.source, _describe(exc))
+                    else:
+                        summary.fail(task.source, _describe(exc))
                     progress(1)
             alphas = engine.predict([picture.rgb for _, picture in decoded])
             _finish(pending, summary, progress)  # the previous batch's writes overlapped predict()
@@ -145,6 +160,14 @@ def _finish(
             summary.fail(task.source, f"cannot write outputs: {exc}")
         progress(1)
     pending.clear()
+
+
+def _not_an_image(path: Path, exc: Exception) -> bool:
+    """A file in a walked folder that is no image, by its content and by its name (a README,
+    notes.txt): skipped, not counted as a failure. A file named like an image that is not one
+    still is a failure: somebody meant it to be a photo."""
+    unsupported = isinstance(exc, ImageError) and exc.reason == Reason.UNSUPPORTED
+    return unsupported and path.suffix.lower() not in IMAGE_SUFFIXES
 
 
 def _describe(exc: Exception) -> str:

@@ -2,6 +2,15 @@
 
 A reader of the outbox sees a complete file or none at all; an original leaves the work folder
 only after every output of its job is durable.
+
+Nothing is ever written through a symbolic link below a configured root (outbox, done, errors):
+the folders under a root are opened one component at a time with ``O_NOFOLLOW`` and every file
+operation is made relative to the opened folder (``dir_fd``), so a link planted in the outbox
+(``outbox/evil -> /etc``) cannot send a file elsewhere, even if it appears between a check and
+a write. The roots themselves are the operator's choice and may be links.
+
+Modes and group are set explicitly on every file and folder created here, whatever the
+process's umask, so the other users of a share can read the results (:class:`Permissions`).
 """
 
 from __future__ import annotations
@@ -10,109 +19,245 @@ import contextlib
 import errno
 import json
 import os
+import secrets
 import shutil
-import tempfile
-from pathlib import Path
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from hotfolder import names
+
 DEFAULT_FILE_MODE = 0o644
-MAX_NAME_BYTES = 255
+DEFAULT_DIR_MODE = 0o755
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+@dataclass(frozen=True)
+class Permissions:
+    """Mode bits for the files and folders the daemon creates, and their group (a gid, or None
+    to keep the process's group)."""
+
+    file_mode: int = DEFAULT_FILE_MODE
+    dir_mode: int = DEFAULT_DIR_MODE
+    gid: int | None = None
+
+
+DEFAULT_PERMISSIONS = Permissions()
+
+
+class UnsafePathError(OSError):
+    """A folder below a root is a symbolic link, or not a folder: nothing is written there."""
 
 
 def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(folder, _DIR_FLAGS)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, mode: int = DEFAULT_FILE_MODE) -> None:
-    """Write ``data`` to a hidden temp file beside ``path``, fsync it, rename it over ``path``,
-    then fsync the folder so the rename itself survives a power cut."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:200]}.", suffix=".tmp")
+@contextlib.contextmanager
+def open_folder(
+    root: Path, folder: PurePosixPath, perms: Permissions = DEFAULT_PERMISSIONS
+) -> Iterator[int]:
+    """A descriptor of ``root/folder``, creating the missing folders below ``root`` with
+    ``perms``; closed on exit.
+
+    Raises UnsafePathError if a component below ``root`` is a symbolic link or not a folder;
+    OSError (e.g. ENOENT, ENOTDIR) if ``root`` itself cannot be opened: a root that vanished is
+    never re-created here, since a share that dropped leaves a bare mountpoint behind.
+    """
+    fd = os.open(root, _DIR_FLAGS)
+    try:
+        for part in folder.parts:
+            child = _descend(fd, part, root, folder, perms)
+            os.close(fd)
+            fd = child
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _descend(fd: int, part: str, root: Path, folder: PurePosixPath, perms: Permissions) -> int:
+    """Open (creating it if needed) the folder ``part`` inside the open folder ``fd``."""
+    created = True
+    try:
+        os.mkdir(part, perms.dir_mode, dir_fd=fd)
+    except FileExistsError:
+        created = False
+    try:
+        child = os.open(part, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            where = names.escape(str(root / folder))
+            raise UnsafePathError(
+                exc.errno,
+                f"{where}: {names.escape(part)} is a symbolic link or not a folder; "
+                "refusing to write through it",
+            ) from None
+        raise
+    if created:
+        _apply(child, perms.dir_mode, perms.gid)
+    return child
+
+
+def _apply(fd: int, mode: int, gid: int | None) -> None:
+    os.fchmod(fd, mode)  # explicit: the umask does not decide who can read the results
+    if gid is not None:
+        os.fchown(fd, -1, gid)
+
+
+def exists_in(folder_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _temp_name(name: str) -> str:
+    """A hidden, unique temp name beside ``name`` that still fits NAME_MAX."""
+    return "." + names.fit(name, f".{secrets.token_hex(4)}.tmp", names.NAME_MAX - 1)
+
+
+def write_in(folder_fd: int, name: str, data: bytes, perms: Permissions) -> None:
+    """Write ``data`` as ``name`` in an open folder: a hidden temp file, fsync, rename over
+    ``name``, fsync the folder."""
+    temp = _temp_name(name)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(temp, flags, perms.file_mode, dir_fd=folder_fd)
     try:
         with os.fdopen(fd, "wb") as f:
-            _write_synced(f, data, mode)
-        os.replace(temp, path)
+            _write_synced(f, data, perms)
+        os.replace(temp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
+            os.unlink(temp, dir_fd=folder_fd)
         raise
-    fsync_dir(path.parent)
+    os.fsync(folder_fd)
 
 
-def _write_synced(f: BinaryIO, data: bytes, mode: int) -> None:
+def write_atomic(path: Path, data: bytes, mode: int = DEFAULT_FILE_MODE) -> None:
+    """Write ``data`` to a hidden temp file beside ``path``, fsync it, rename it over ``path``,
+    then fsync the folder so the rename itself survives a power cut. For paths the caller
+    chose (work files, ``hotfolder matte`` outputs); daemon outputs go through
+    :func:`place_outputs`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = os.open(path.parent, _DIR_FLAGS)
+    try:
+        write_in(folder, path.name, data, Permissions(file_mode=mode))
+    finally:
+        os.close(folder)
+
+
+def _write_synced(f: BinaryIO, data: bytes, perms: Permissions) -> None:
     f.write(data)
     f.flush()
-    os.fchmod(f.fileno(), mode)
+    _apply(f.fileno(), perms.file_mode, perms.gid)
     os.fsync(f.fileno())
 
 
-def move_file(source: Path, target: Path) -> None:
-    """Move a file, durably: a rename on one filesystem, copy + fsync + unlink across two."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+def archive(
+    source: Path, root: Path, relative: str, tag: str, perms: Permissions = DEFAULT_PERMISSIONS
+) -> PurePosixPath:
+    """Move the file ``source`` to ``root/relative`` durably (a rename on one filesystem, copy +
+    fsync + unlink across two), never replacing a file already there: the newcomer then gets
+    ``<stem>.<tag><ext>``. Returns the path it got, relative to ``root``.
+
+    Raises UnsafePathError for a symbolic link below ``root``, OSError for the rest."""
+    target = PurePosixPath(relative)
+    with open_folder(root, target.parent, perms) as folder:
+        name = free_name(folder, target.name, tag)
+        try:
+            os.rename(source, name, dst_dir_fd=folder)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            _copy_in(source, folder, name)
+            os.unlink(source)
+        os.fsync(folder)
+    return target.parent / name
+
+
+def _copy_in(source: Path, folder_fd: int, name: str) -> None:
+    temp = _temp_name(name)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(temp, flags, 0o600, dir_fd=folder_fd)
     try:
-        os.rename(source, target)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        temp = target.with_name(f".{target.name[:200]}.{os.getpid()}.tmp")
-        shutil.copy2(source, temp, follow_symlinks=False)
-        if not temp.is_symlink():
-            with temp.open("rb") as f:
-                os.fsync(f.fileno())
-        os.replace(temp, target)
-        fsync_dir(target.parent)
-        os.unlink(source)
-        return
-    fsync_dir(target.parent)
+        with os.fdopen(fd, "wb") as out, source.open("rb") as f:
+            shutil.copyfileobj(f, out)
+            out.flush()
+            os.fchmod(out.fileno(), os.stat(source).st_mode & 0o7777)
+            os.fsync(out.fileno())
+        os.replace(temp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp, dir_fd=folder_fd)
+        raise
 
 
-def free_name(target: Path, tag: str) -> Path:
-    """``target``, or ``<stem>.<tag><suffix>`` beside it when that name is taken: an archived
-    original never replaces an earlier one of the same name."""
-    if not os.path.lexists(target):
-        return target
-    return target.with_name(f"{target.stem}.{tag}{target.suffix}")
+def free_name(folder_fd: int, name: str, tag: str) -> str:
+    """``name``, or ``<stem>.<tag><ext>`` (shortened to fit) when ``name`` is taken in the
+    folder: an archived original never replaces an earlier one of the same name."""
+    name = names.fit_name(name)
+    if not exists_in(folder_fd, name):
+        return name
+    stem, ext = os.path.splitext(name)
+    return names.fit(stem, f".{tag}{ext}")
 
 
-def place_outputs(files: list[tuple[Path, bytes]], staging: Path, mode: int) -> None:
+def place_outputs(
+    files: list[tuple[PurePosixPath, bytes]],
+    outbox: Path,
+    staging: Path,
+    perms: Permissions = DEFAULT_PERMISSIONS,
+) -> None:
     """Write every output into ``staging`` (a work folder on the inbox's filesystem), then rename
-    each into the outbox, so the outbox never holds a partial or temporary file. An existing
-    output of the same name is replaced: processing a job twice leaves one set of outputs."""
+    each to its path under ``outbox``, so the outbox never holds a partial or temporary file.
+    An existing output of the same name is replaced (the caller chose the names).
+
+    Raises UnsafePathError for a symbolic link below ``outbox``, OSError for the rest."""
     staging.mkdir(parents=True, exist_ok=True)
     staged = []
     for index, (target, data) in enumerate(files):
         path = staging / f"output-{index}"
         with path.open("wb") as f:
-            _write_synced(f, data, mode)
+            _write_synced(f, data, perms)
         staged.append((path, target, data))
-    renamed_into = set()
     for path, target, data in staged:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.replace(path, target)
-        except OSError as exc:
-            if exc.errno != errno.EXDEV:
-                raise
-            write_atomic(target, data, mode)  # another filesystem: hidden temp beside it
-            continue
-        renamed_into.add(target.parent)
-    for folder in renamed_into:  # once per folder: a job's outputs usually share one
-        fsync_dir(folder)
+        with open_folder(outbox, target.parent, perms) as folder:
+            try:
+                os.replace(path, target.name, dst_dir_fd=folder)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                write_in(folder, target.name, data, perms)  # another filesystem
+            os.fsync(folder)
 
 
-def error_report_path(target: Path, tag: str) -> Path:
-    """``<name>.error.json`` beside the rejected file; for a name near the 255-byte limit, the
-    name is shortened and tagged so the report still fits and stays unique."""
-    name = f"{target.name}.error.json"
-    if len(name.encode()) > MAX_NAME_BYTES:
-        short = target.name.encode()[:200].decode(errors="ignore")
-        name = f"{short}.{tag}.error.json"
-    return target.with_name(name)
+def error_report_name(name: str, tag: str) -> str:
+    """``<name>.error.json`` for the rejected file ``name``; for a name near the 255-byte limit
+    it is shortened and tagged so the report still fits and stays unique."""
+    report = f"{name}.error.json"
+    if names.byte_length(report) <= names.NAME_MAX:
+        return report
+    return names.fit(name, f".{tag}.error.json")
 
 
-def write_error_report(sidecar: Path, report: dict[str, object]) -> None:
-    write_atomic(sidecar, (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode())
+def write_error_report(
+    root: Path,
+    relative: str,
+    tag: str,
+    report: dict[str, object],
+    perms: Permissions = DEFAULT_PERMISSIONS,
+) -> PurePosixPath:
+    """The sidecar of the file that :func:`archive` will place at ``root/relative`` with the
+    same ``tag``; returns the original's name that the sidecar describes (relative to root)."""
+    target = PurePosixPath(relative)
+    data = (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode()
+    with open_folder(root, target.parent, perms) as folder:
+        name = free_name(folder, target.name, tag)
+        write_in(folder, error_report_name(name, tag), data, perms)
+    return target.parent / name

@@ -11,7 +11,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from hotfolder import imaging
+from hotfolder import imaging, names
 
 
 class Kind(enum.StrEnum):
@@ -29,7 +29,6 @@ DEFAULT_NAME = {
 }
 TEMPLATE_FIELDS = {"stem", "ext", "kind"}
 FAST_PNG = "fast"
-MAX_NAME_BYTES = 255
 NAMED_COLOURS = {"white": (255, 255, 255), "black": (0, 0, 0), "grey": (128, 128, 128)}
 
 
@@ -61,17 +60,17 @@ class Output:
                 default = default.rsplit(".", 1)[0] + FORMATS[self.format]
             object.__setattr__(self, "name", default)
 
-    def filename(self, stem: str, ext: str) -> str:
-        """The output's file name: control characters replaced, at most 255 bytes (the stem is
-        shortened), so any name a user managed to create still gives a valid output name."""
-        stem = "".join("_" if ord(c) < 32 or c == "\x7f" else c for c in stem)
+    def filename(self, stem: str, ext: str, tag: str = "") -> str:
+        """The output's file name for an input ``<stem><ext>``: control characters in the stem
+        become ``_``, ``tag`` (a collision number such as ``-2``) follows the stem, and the stem
+        is shortened on a character boundary so the name fits 255 bytes. Undecodable bytes of
+        the input name (``surrogateescape``) are kept, so the output is named like its input."""
+        stem = names.sanitize(stem)
         ext = ext.lstrip(".")
-        name = self.name.format(stem=stem, ext=ext, kind=self.kind.value)
-        excess = len(name.encode()) - MAX_NAME_BYTES
-        if excess > 0:
-            short = stem.encode()[: max(len(stem.encode()) - excess, 1)].decode(errors="ignore")
-            name = self.name.format(stem=short, ext=ext, kind=self.kind.value)
-        return name
+        kind = self.kind.value
+        overhead = names.byte_length(self.name.format(stem="", ext=ext, kind=kind) + tag)
+        short = names.fit(stem, "", names.NAME_MAX - overhead)
+        return self.name.format(stem=short + tag, ext=ext, kind=kind)
 
 
 def parse_colour(value: str) -> tuple[int, int, int]:

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hotfolder import __version__, config, imaging, publish, recipes
+from hotfolder import __version__, config, imaging, names, naming, publish, recipes
 from hotfolder.claims import Claim
 from hotfolder.collect import STOP, Stop, collect
 from hotfolder.engine import MattingEngine
@@ -286,22 +286,43 @@ class Service:
     def _recover(self) -> None:
         for inbox in self.inboxes.active:
             for claim in inbox.claims.recover():
-                log.info("%s/%s: resuming a job left by a stopped daemon", inbox.config.name,
-                         claim.relative)  # fmt: skip
-                self._count(+1)
-                self._begin(claim)
-                if claim.outcome:
-                    # Stopped after deciding the outcome: finish filing the original if the
-                    # daemon died before it left the work folder.
-                    if os.path.lexists(claim.source):
-                        self._file_original(inbox.config, claim)
-                    self._close_archived(inbox, claim)
-                else:
-                    self.recovered.append((inbox, claim))
+                try:
+                    self._resume(inbox, claim)
+                except Exception as exc:  # one bad job never keeps the daemon from serving
+                    self._abandon(inbox, claim, exc)
+
+    def _resume(self, inbox: Inbox, claim: Claim) -> None:
+        log.info("%s/%s: resuming a job left by a stopped daemon", inbox.config.name,
+                 names.escape(claim.relative))  # fmt: skip
+        self._count(+1)
+        self._begin(claim)
+        if claim.outcome:
+            # Stopped after deciding the outcome: finish filing the original if the daemon
+            # died before it left the work folder.
+            if os.path.lexists(claim.source):
+                self._file_original(inbox.config, claim)
+            self._close_archived(inbox, claim)
+        else:
+            self.recovered.append((inbox, claim))
+
+    def _abandon(self, inbox: Inbox, claim: Claim, error: Exception) -> None:
+        """A left-over job that cannot be resumed: its file goes to errors/ with the reason.
+        If even that fails (errors/ unwritable), the job stays where it is for the next start,
+        and the daemon serves on."""
+        log.exception("%s/%s: cannot resume this job", inbox.config.name,
+                      names.escape(claim.relative))  # fmt: skip
+        try:
+            if claim.outcome and not os.path.lexists(claim.source):
+                self._close_archived(inbox, claim)  # only the record was left
+            else:
+                self._reject(inbox, claim, Reason.RECOVERY, f"could not be resumed: {error}")
+        except Exception:
+            log.exception("%s/%s: left in %s for the next start", inbox.config.name,
+                          names.escape(claim.relative), claim.folder)  # fmt: skip
 
     def _begin(self, claim: Claim) -> None:
         self.journal.begin(
-            claim.job_id, inbox=claim.inbox, path=claim.relative, size=claim.size,
+            claim.job_id, inbox=claim.inbox, path=names.escape(claim.relative), size=claim.size,
             detected_at=claim.detected_at, claimed_at=claim.claimed_at,
             attempts=claim.attempts, outcome="claimed", host=self.host,
         )  # fmt: skip
@@ -551,7 +572,8 @@ class Service:
                      "device": str(self.engine.device)}  # fmt: skip
         started = time.monotonic()
         try:
-            files = self._render(inbox, claim, decoded.picture, item.alpha)
+            picture, alpha = decoded.picture, item.alpha
+            rendered = [recipes.render(o, picture, alpha) for o in inbox.config.outputs]
         except (ValueError, ImageError) as exc:
             message = f"cannot encode outputs: {exc}"
             self._reject(inbox, claim, Reason.ENCODE, message, inference)
@@ -559,7 +581,14 @@ class Service:
         encoded = time.monotonic()
         self.metrics.stage.labels("encode").observe(encoded - started)
         try:
+            files = list(zip(self._output_names(inbox, claim), rendered, strict=True))
             claim = self._archive(inbox, claim, files)
+        except naming.NameCollisionError as exc:
+            self._reject(inbox, claim, Reason.NAME_COLLISION, str(exc), inference)
+            return True
+        except publish.UnsafePathError as exc:
+            self._reject(inbox, claim, Reason.UNSAFE_PATH, f"not published: {exc}", inference)
+            return True
         except OSError as exc:
             if exc.errno not in PAUSE_REASONS:
                 raise
@@ -571,38 +600,55 @@ class Service:
             "inference": item.inference_seconds, "encode": encoded - started,
             "publish": time.monotonic() - encoded,
         }  # fmt: skip
+        outputs = [names.escape(str(inbox.config.outbox / path)) for path, _ in files]
         record = {**inference, "attempts": claim.attempts, "sha256": decoded.sha256,
-                  "outputs": [str(path) for path, _ in files]}  # fmt: skip
+                  "outputs": outputs}  # fmt: skip
         self._close_archived(inbox, claim, record, timings, item.batch_size)
         return True
 
-    def _render(
-        self, inbox: Inbox, claim: Claim, picture: imaging.Picture, alpha: np.ndarray
-    ) -> list[tuple[Path, bytes]]:
+    def _output_names(self, inbox: Inbox, claim: Claim) -> list[PurePosixPath]:
+        """Output paths (relative to the outbox) no other input owns, by the inbox's policy."""
         cfg = inbox.config
-        folder = PurePosixPath(claim.relative).parent
-        stem, suffix = os.path.splitext(claim.name)
-        return [
-            (cfg.outbox / folder / output.filename(stem, suffix),
-             recipes.render(output, picture, alpha))
-            for output in cfg.outputs
-        ]  # fmt: skip
+        owner = f"{cfg.name}:{names.escape(claim.relative)}"
 
-    def _archive(self, inbox: Inbox, claim: Claim, files: list[tuple[Path, bytes]]) -> Claim:
+        def key(path: PurePosixPath) -> str:
+            return names.escape(str(cfg.outbox / path))
+
+        def taken(escaped: str) -> bool:
+            return os.path.lexists(names.unescape(escaped))
+
+        return naming.choose(
+            cfg.outputs, claim.relative, cfg.collisions, owner, self.journal, key, taken
+        )
+
+    def _archive(
+        self, inbox: Inbox, claim: Claim, files: list[tuple[PurePosixPath, bytes]]
+    ) -> Claim:
         """Outputs into the outbox, then (only then) the original out of the work folder."""
-        publish.place_outputs(files, claim.folder / "outputs", publish.DEFAULT_FILE_MODE)
+        cfg = inbox.config
+        if cfg.done is not None:  # refuse a linked done/ folder before anything is published
+            with publish.open_folder(cfg.done, PurePosixPath(claim.relative).parent,
+                                     cfg.permissions):  # fmt: skip
+                pass
+        publish.place_outputs(files, cfg.outbox, claim.folder / "outputs", cfg.permissions)
         claim = inbox.claims.record_outcome(claim, "success")
-        self._file_original(inbox.config, claim)
+        self._file_original(cfg, claim)
         return claim
 
     @staticmethod
     def _file_original(cfg: config.InboxConfig, claim: Claim) -> None:
         """Move the original out of the work folder to where its recorded outcome sends it."""
-        target = original_target(cfg, claim, claim.outcome)
-        if target is None:
+        destination = original_destination(cfg, claim.outcome)
+        if destination is None:
             os.unlink(claim.source)
-        else:
-            publish.move_file(claim.source, target)
+            return
+        tag = claim.job_id[:8]
+        try:
+            publish.archive(claim.source, destination, claim.relative, tag, cfg.permissions)
+        except publish.UnsafePathError as exc:
+            # A link where its subfolder should be: the top of the folder, never the link.
+            log.error("%s; %s goes to %s instead", exc, names.escape(claim.name), destination)
+            publish.archive(claim.source, destination, claim.name, tag, cfg.permissions)
 
     def _close_archived(
         self,
@@ -615,6 +661,7 @@ class Service:
         """The original has left the work folder: record how the job ended (one journal write,
         with ``record``'s columns) and forget it."""
         name = inbox.config.name
+        shown = names.escape(claim.relative)
         record = record or {}
         if claim.outcome == "success":
             now = time.time()
@@ -626,9 +673,9 @@ class Service:
             stages = {k: round(v * 1000) for k, v in (timings or {}).items()}
             detail = ", ".join(f"{k} {v}" for k, v in stages.items())
             log.info(
-                "%s/%s: success in %.0f ms (%s ms; batch of %d)", name, claim.relative,
+                "%s/%s: success in %.0f ms (%s ms; batch of %d)", name, shown,
                 latency * 1000, detail, batch_size,
-                extra={"inbox": name, "path": claim.relative, "outcome": "success",
+                extra={"inbox": name, "path": shown, "outcome": "success",
                        "latency_ms": round(latency * 1000), "stages_ms": stages,
                        "batch_size": batch_size, "job": claim.job_id},
             )  # fmt: skip
@@ -643,7 +690,7 @@ class Service:
         while, and try again then."""
         reason = PAUSE_REASONS[exc.errno or 0]
         log.error("%s/%s: cannot publish (%s); intake paused for %.0f s, the file is kept",
-                  inbox.config.name, claim.relative, exc, PAUSE_SECONDS)  # fmt: skip
+                  inbox.config.name, names.escape(claim.relative), exc, PAUSE_SECONDS)  # fmt: skip
         self.metrics.paused.labels(reason).set(1)
         self.paused_until = time.monotonic() + PAUSE_SECONDS
         if claim.outcome:
@@ -657,7 +704,7 @@ class Service:
             self.journal.forget(claim.job_id)
         else:
             log.warning("%s/%s: a new file took its name; kept for the next start",
-                        inbox.config.name, claim.relative)  # fmt: skip
+                        inbox.config.name, names.escape(claim.relative))  # fmt: skip
         self._count(-1)
 
     def _reject(
@@ -671,25 +718,24 @@ class Service:
         """Move the file to errors/ with a sidecar saying why; ``columns`` are more journal
         fields of the job."""
         cfg = inbox.config
+        shown = names.escape(claim.relative)
         log.warning(
-            "%s/%s: failed: %s (%s)", cfg.name, claim.relative, message, reason.value,
-            extra={"inbox": cfg.name, "path": claim.relative, "outcome": "failed",
+            "%s/%s: failed: %s (%s)", cfg.name, shown, message, reason.value,
+            extra={"inbox": cfg.name, "path": shown, "outcome": "failed",
                    "reason": reason.value, "attempts": claim.attempts, "job": claim.job_id},
         )  # fmt: skip
-        target = original_target(cfg, claim, "failed")
-        assert target is not None  # errors/ is required
         report: dict[str, object] = {
-            "file": claim.relative,
+            "file": shown,
             "inbox": cfg.name,
             "reason": reason.value,
-            "message": f"{claim.name} {message}",
+            "message": f"{names.escape(claim.name)} {message}",
             "attempts": claim.attempts,
             "time": datetime.now(UTC).isoformat(timespec="seconds"),
             "host": self.host,
             "version": __version__,
             "job": claim.job_id,
         }
-        publish.write_error_report(publish.error_report_path(target, claim.job_id[:8]), report)
+        self._write_error_report(cfg, claim, report)
         claim = inbox.claims.record_outcome(claim, "failed")
         self._file_original(cfg, claim)
         self.metrics.failures.labels(cfg.name, reason.value).inc()
@@ -697,11 +743,19 @@ class Service:
                   "attempts": claim.attempts}  # fmt: skip
         self._close_archived(inbox, claim, record)
 
+    @staticmethod
+    def _write_error_report(
+        cfg: config.InboxConfig, claim: Claim, report: dict[str, object]
+    ) -> None:
+        """The sidecar beside where :meth:`_file_original` will put the rejected file."""
+        tag = claim.job_id[:8]
+        try:
+            publish.write_error_report(cfg.errors, claim.relative, tag, report, cfg.permissions)
+        except publish.UnsafePathError:
+            publish.write_error_report(cfg.errors, claim.name, tag, report, cfg.permissions)
 
-def original_target(cfg: config.InboxConfig, claim: Claim, outcome: str) -> Path | None:
-    """Where the original of a finished job goes: errors/ when it failed, done/ when it
-    succeeded (None: originals are deleted), under a name no earlier original holds."""
-    folder = cfg.done if outcome == "success" else cfg.errors
-    if folder is None:
-        return None
-    return publish.free_name(folder / claim.relative, claim.job_id[:8])
+
+def original_destination(cfg: config.InboxConfig, outcome: str) -> Path | None:
+    """The folder the original of a finished job goes to: errors/ when it failed, done/ when it
+    succeeded (None: originals are deleted)."""
+    return cfg.done if outcome == "success" else cfg.errors

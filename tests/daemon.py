@@ -109,14 +109,23 @@ def photo_jpegs(photos: dict[str, np.ndarray], count: int, size: int = 96) -> li
     return images
 
 
-def start(config: Path, *args: str, log: Path) -> subprocess.Popen[bytes]:
+def start(
+    config: Path, *args: str, log: Path, prefix: tuple[str, ...] = (), umask: int = -1
+) -> subprocess.Popen[bytes]:
+    """A daemon process; ``prefix`` runs it through another command (``setpriv …``)."""
+    command = [*prefix, sys.executable, "-m", "hotfolder", "run", "--config", str(config), *args]
     with log.open("ab") as handle:  # the child keeps its own descriptor
         return subprocess.Popen(
-            [sys.executable, "-m", "hotfolder", "run", "--config", str(config), *args],
-            cwd=ROOT,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
+            command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, umask=umask
         )
+
+
+def without_root_powers() -> tuple[str, ...]:
+    """A command prefix under which even root obeys file permissions (no CAP_DAC_OVERRIDE or
+    CAP_DAC_READ_SEARCH), so a file of mode 000 is unreadable as it is for any user."""
+    if os.geteuid() != 0:
+        return ()
+    return ("setpriv", "--bounding-set=-dac_override,-dac_read_search")
 
 
 def run_once(config: Path, log: Path, timeout: float = 240) -> int:

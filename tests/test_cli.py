@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -76,9 +77,15 @@ def test_matte_never_overwrites_an_input_or_another_output(
     corpus.write(folder, "cat.png", corpus.png(photos["chelsea"]))
     original = (folder / "cat.png").read_bytes()
     result = hotfolder("matte", str(folder), "-o", str(folder))
-    assert result.returncode == 1
-    assert "would overwrite" in result.stderr
+    assert result.returncode == 0, result.stderr
     assert (folder / "cat.png").read_bytes() == original
+    # Each input gets a numbered output of its own instead of replacing an input or the other.
+    assert sorted(p.name for p in folder.iterdir()) == ["cat-2.png", "cat-3.png", "cat.jpg",
+                                                        "cat.png"]  # fmt: skip
+    for name in ("cat-2.png", "cat-3.png"):
+        mode, pixels = corpus.load(folder / name)
+        assert mode == "RGBA"
+        assert pixels.shape[:2] == photos["chelsea"].shape[:2]
 
 
 def test_matte_reports_missing_inputs(tmp_path: Path) -> None:
@@ -130,3 +137,22 @@ def test_config_from_the_environment(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "model.nmae: unknown key" in result.stderr
+
+
+def test_matte_takes_any_name_and_skips_what_is_not_an_image(
+    tmp_path: Path, photos: dict[str, np.ndarray]
+) -> None:
+    folder = tmp_path / "photos"
+    latin1 = os.fsdecode(b"caf\xe9.jpg")  # as an old Windows or Samba client names it
+    corpus.write(folder, latin1, corpus.jpeg(photos["chelsea"]))
+    corpus.write(folder, "字" * 83 + ".jpg", corpus.jpeg(photos["coffee"]))  # 253 bytes
+    corpus.write(folder, "README", b"photos from the spring shoot\n")
+    out = tmp_path / "out"
+    result = hotfolder("matte", str(folder), "-o", str(out), "--kind", "cutout", "--kind", "mask")
+    assert result.returncode == 0, result.stderr
+    written = sorted(os.fsencode(p.name) for p in out.iterdir())
+    assert written[:2] == [b"caf\xe9.mask.png", b"caf\xe9.png"]
+    assert len(written) == 4
+    assert all(len(name) <= 255 for name in written)  # the long mask name is shortened
+    assert "README: skipped" in result.stderr
+    assert "2 written" in result.stderr
