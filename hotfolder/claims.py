@@ -6,31 +6,50 @@ Layout inside each inbox (same filesystem, so every move is an atomic rename)::
     .hotfolder/work/<owner>/<job>/job.json  where the file came from, attempts so far, outcome
     .hotfolder/work/<owner>/<job>/source    the claimed file itself
 
+    .hotfolder/activity/<owner>             what each job of that daemon is doing (decode, model…)
+
 Renaming is the only lock: exactly one daemon wins the rename of a given file, wherever the
 daemons run (no flock, which NFS emulates and CIFS ``nobrl`` disables). A job whose owner died is
-adopted by renaming its folder, which again only one daemon can win, and is processed again; the
-attempt count it carries sends a file that keeps crashing the process to errors/.
+adopted by renaming its folder, which again only one daemon can win, and is processed again.
+
+Who is to blame when a process dies? Not every file it held: a ``kill -9``, a power cut or a lost
+GPU kills a whole batch of good photos. The activity log says which jobs were being decoded,
+in the model or encoded at that moment (appended, one line a step, no fsync: a process that
+dies leaves the page cache behind). Those *suspects* are not charged; they are retried alone
+(``solo``), before any other work, one after another. Only a file that was alone in the process
+when it died is charged a crash; ``max_attempts`` crashes send it to errors/.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import socket
+import threading
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
 
 from hotfolder.publish import fsync_dir, write_atomic
+
+logger = logging.getLogger(__name__)
 
 WORK_DIR = ".hotfolder"
 JOB_FILE = "job.json"
 SOURCE = "source"
 # A daemon on another host whose heartbeat is older than this is taken for dead.
 LEASE_SECONDS = 60.0
+ACTIVITY = "activity"
+# Phases written to the activity log. A job whose last phase is one of SUSPECT when its daemon
+# died was being decoded, in the model, or being encoded; the others were waiting in a queue.
+DECODE, DECODED, MODEL, INFERRED, ENCODE = "decode", "decoded", "model", "inferred", "encode"
+SUSPECT = {DECODE, MODEL, ENCODE}
+ACTIVITY_LINES = 10_000  # the log is rewritten from memory, short, past this many lines
 
 
 @dataclass(frozen=True)
@@ -44,8 +63,10 @@ class Claim:
     size: int
     detected_at: float
     claimed_at: float
-    attempts: int = 0
+    attempts: int = 0  # times its processing started (for the journal and error reports)
     outcome: str = ""  # set just before the source leaves the work folder
+    solo: bool = False  # was active when a process died: retried alone before anything else
+    crashes: int = 0  # times the process died while it was alone in it
 
     @property
     def source(self) -> Path:
@@ -68,7 +89,7 @@ def _read_record(folder: Path) -> Claim | None:
     relative = PurePosixPath(claim.relative) if isinstance(claim.relative, str) else None
     if relative is None or relative.is_absolute() or ".." in relative.parts or not relative.name:
         return None
-    fields = (claim.size, claim.attempts)
+    fields = (claim.size, claim.attempts, claim.crashes)
     if not all(isinstance(v, int) for v in fields) or not isinstance(claim.outcome, str):
         return None
     return claim
@@ -105,10 +126,48 @@ class ClaimStore:
         self.mine = self.base / "work" / self.owner
         self.heartbeat_file = self.base / "owners" / self.owner
         self.heartbeat_at = 0.0
+        self.activity_file = self.base / ACTIVITY / self.owner
+        self.phases: dict[str, str] = {}  # job id -> last phase written, for unfinished jobs
+        self.activity_lines = 0
+        self.activity_lock = threading.Lock()
 
     def open(self) -> None:
         self.mine.mkdir(parents=True, exist_ok=True)
+        self.activity_file.parent.mkdir(parents=True, exist_ok=True)
         self.heartbeat()
+
+    def note(self, phase: str, claims: Iterable[Claim]) -> None:
+        """Append ``<phase> <job> <job> …`` to this daemon's activity log. Not fsynced: it only
+        has to outlive this process, not the machine (after a power cut every job is a
+        suspect, retried alone, and nobody is charged for it)."""
+        jobs = [c.job_id for c in claims]
+        if not jobs:
+            return
+        with self.activity_lock:
+            self.phases.update(dict.fromkeys(jobs, phase))
+            self.activity_lines += 1
+            if self.activity_lines > ACTIVITY_LINES:
+                self._compact_activity()
+                return
+            try:
+                with self.activity_file.open("a", encoding="ascii") as log:
+                    log.write(f"{phase} {' '.join(jobs)}\n")
+            except OSError as exc:
+                # Advisory: without it the jobs of a dead daemon are all suspects, retried
+                # alone, and nobody is charged. Not worth stopping for.
+                logger.warning("%s: cannot write the activity log: %s", self.inbox, exc)
+
+    def _compact_activity(self) -> None:
+        """Rewrite the log as one line per unfinished job, atomically."""
+        lines = "".join(f"{phase} {job}\n" for job, phase in self.phases.items())
+        temp = self.activity_file.with_name(f".{self.owner}.tmp")
+        temp.write_text(lines, encoding="ascii")
+        os.replace(temp, self.activity_file)
+        self.activity_lines = len(self.phases)
+
+    def _forget_activity(self, claim: Claim) -> None:
+        with self.activity_lock:
+            self.phases.pop(claim.job_id, None)
 
     def heartbeat(self) -> None:
         # mkdir each time: someone may have deleted and recreated the whole inbox.
@@ -127,6 +186,7 @@ class ClaimStore:
         with contextlib.suppress(OSError):
             self.mine.rmdir()
             self.heartbeat_file.unlink()
+            self.activity_file.unlink(missing_ok=True)
 
     def claim(self, relative: str, detected_at: float) -> Claim | None:
         """Take ``relative`` out of the inbox; None when it vanished or another daemon won."""
@@ -150,10 +210,12 @@ class ClaimStore:
         fsync_dir(folder)
         return claim
 
-    def record_attempt(self, claim: Claim) -> Claim:
-        """Persist one more attempt before the file goes near the model."""
+    def record_attempt(self, claim: Claim, persist: bool = False) -> Claim:
+        """One more attempt; written to the job record only when ``persist`` (the count is for
+        people; crashes are charged through the activity log)."""
         updated = replace(claim, attempts=claim.attempts + 1)
-        self._save(updated)
+        if persist:
+            self._save(updated)
         return updated
 
     def record_outcome(self, claim: Claim, outcome: str) -> Claim:
@@ -174,6 +236,7 @@ class ClaimStore:
 
     def finish(self, claim: Claim) -> None:
         shutil.rmtree(claim.folder, ignore_errors=True)
+        self._forget_activity(claim)
 
     def recover(self) -> list[Claim]:
         """Adopt the jobs of daemons that died (this host: their process is gone; elsewhere:
@@ -183,14 +246,40 @@ class ClaimStore:
         for owner_dir in sorted(work.iterdir()) if work.is_dir() else []:
             if owner_dir.name == self.owner or not self._is_dead(owner_dir.name):
                 continue
+            phases = self._read_activity(owner_dir.name)
             for job_dir in sorted(owner_dir.iterdir()):
                 claim = self._adopt(job_dir)
                 if claim is not None:
-                    adopted.append(claim)
+                    adopted.append(self._blame(claim, phases.get(claim.job_id, "")))
             with contextlib.suppress(OSError):
                 owner_dir.rmdir()
                 (self.base / "owners" / owner_dir.name).unlink()
+                (self.base / ACTIVITY / owner_dir.name).unlink(missing_ok=True)
         return adopted
+
+    def _read_activity(self, owner: str) -> dict[str, str]:
+        """The last phase of each job in a dead daemon's activity log."""
+        phases: dict[str, str] = {}
+        try:
+            text = (self.base / ACTIVITY / owner).read_text(encoding="ascii", errors="replace")
+        except OSError:
+            return phases
+        for line in text.splitlines():
+            phase, *jobs = line.split()
+            phases.update(dict.fromkeys(jobs, phase))
+        return phases
+
+    def _blame(self, claim: Claim, phase: str) -> Claim:
+        """A job that was being decoded or in the model when its daemon died: charged a crash
+        if it was a suspect already (suspects run alone), else made one."""
+        if phase not in SUSPECT or claim.outcome:
+            return claim
+        if claim.solo:
+            claim = replace(claim, crashes=claim.crashes + 1)
+        else:
+            claim = replace(claim, solo=True)
+        self._save(claim)
+        return claim
 
     def _is_dead(self, owner: str) -> bool:
         try:

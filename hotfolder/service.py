@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from hotfolder import __version__, config, imaging, names, naming, publish, recipes
-from hotfolder.claims import Claim
+from hotfolder.claims import DECODE, DECODED, ENCODE, INFERRED, MODEL, Claim
 from hotfolder.collect import STOP, Stop, collect
 from hotfolder.engine import MattingEngine
 from hotfolder.inboxes import Inbox, InboxSet
@@ -67,6 +67,9 @@ PAUSE_SECONDS = 10.0
 INTAKE_TICK = 0.05
 QUEUE_POLL = 1.0  # a stage waiting for work still steps this often (it proves it is alive)
 HOUSEKEEPING_SECONDS = 5.0  # heartbeats, backlog gauges, disk space, GPU memory
+# Fault injection for tests and drills: a file whose path contains this variable's text kills
+# the process with SIGKILL when it enters the model, as a GPU fault or a driver bug would.
+KILL_IN_MODEL_ENV = "HOTFOLDER_FAULT_KILL_IN_MODEL"
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,8 @@ class Service:
         self.publish_queue: queue.Queue[Inferred | Stop] = queue.Queue(2 * batch)
         self.ready: deque[tuple[Inbox, Ready]] = deque()
         self.recovered: deque[tuple[Inbox, Claim]] = deque()
+        self.suspects: deque[tuple[Inbox, Claim]] = deque()  # retried alone, before the rest
+        self.kill_marker = os.environ.get(KILL_IN_MODEL_ENV, "")
         self.stopping = threading.Event()  # stop taking new work
         self.stop_requested = threading.Event()  # set by signals, or when --once is done
         self.reload_requested = threading.Event()
@@ -150,10 +155,16 @@ class Service:
         self.inboxes.start(self.config.inboxes)
         self._start_metrics_server()
         self._recover()
-        self._start_threads()
-        self.notifier.notify("READY=1")
-        log.info("hotfolder %s serving %d inbox(es)", __version__, len(self.inboxes.active))
-        self._supervise()
+        try:
+            self._run_suspects()
+        except Exception as exc:  # the model is broken (it fails on a blank image too)
+            log.exception("stopping: the model failed while retrying a file alone")
+            self.fatal = exc
+        if self.fatal is None:
+            self._start_threads()
+            self.notifier.notify("READY=1")
+            log.info("hotfolder %s serving %d inbox(es)", __version__, len(self.inboxes.active))
+            self._supervise()
         self.notifier.notify("STOPPING=1")
         self.metrics.ready.set(0)
         drained = self._drain()
@@ -302,6 +313,8 @@ class Service:
             if os.path.lexists(claim.source):
                 self._file_original(inbox.config, claim)
             self._close_archived(inbox, claim)
+        elif claim.solo:
+            self.suspects.append((inbox, claim))
         else:
             self.recovered.append((inbox, claim))
 
@@ -450,22 +463,9 @@ class Service:
         if self.stopping.is_set():
             self._release(inbox, claim)
             return True
-        if claim.attempts >= self.config.daemon.max_attempts:
-            self._reject(inbox, claim, Reason.REPEATED_FAILURE,
-                         f"failed or stopped the daemon {claim.attempts} times")  # fmt: skip
+        decoded = self._decode(inbox, claim)
+        if decoded is None:
             return True
-        claim = inbox.claims.record_attempt(claim)
-        started = time.monotonic()
-        try:
-            data = imaging.read_file(claim.source, self.config.limits.max_bytes)
-            picture = imaging.decode(data, self.config.limits.max_pixels)
-        except ImageError as exc:
-            self._reject(inbox, claim, exc.reason, exc.message)
-            return True
-        decoded_at = time.monotonic()
-        digest = hashlib.sha256(data).hexdigest()
-        decoded = Decoded(inbox, claim, picture, digest, decoded_at - started, decoded_at)
-        self.metrics.stage.labels("decode").observe(decoded.decode_seconds)
         while not self.stopping.is_set():
             try:
                 self.decoded_queue.put(decoded, timeout=0.2)
@@ -474,6 +474,44 @@ class Service:
                 continue
         self._release(inbox, claim)
         return True
+
+    def _decode(self, inbox: Inbox, claim: Claim) -> Decoded | None:
+        """The claimed file's picture; None when the file was sent to errors/."""
+        claim = inbox.claims.record_attempt(claim)
+        inbox.claims.note(DECODE, [claim])
+        started = time.monotonic()
+        try:
+            data = imaging.read_file(claim.source, self.config.limits.max_bytes)
+            picture = imaging.decode(data, self.config.limits.max_pixels)
+        except ImageError as exc:
+            self._reject(inbox, claim, exc.reason, exc.message)
+            return None
+        inbox.claims.note(DECODED, [claim])
+        decoded_at = time.monotonic()
+        digest = hashlib.sha256(data).hexdigest()
+        decoded = Decoded(inbox, claim, picture, digest, decoded_at - started, decoded_at)
+        self.metrics.stage.labels("decode").observe(decoded.decode_seconds)
+        return decoded
+
+    # ----- suspects of a crash -----------------------------------------------------------
+
+    def _run_suspects(self) -> None:
+        """Jobs that were being decoded, in the model or encoded when a daemon died, one at a
+        time with nothing else running, before the stages start: a file that kills the
+        process now is the one to blame (its crash is charged when the next daemon adopts
+        it), and its former batch-mates are published."""
+        limit = self.config.daemon.max_attempts
+        while self.suspects:
+            inbox, claim = self.suspects.popleft()
+            if claim.crashes >= limit:
+                message = f"stopped the daemon {claim.crashes} times while alone in it"
+                self._reject(inbox, claim, Reason.REPEATED_FAILURE, message)
+                continue
+            log.info("%s/%s: retrying alone: it was being processed when a daemon stopped",
+                     inbox.config.name, names.escape(claim.relative))  # fmt: skip
+            decoded = self._decode(inbox, claim)
+            for inferred in self._infer([decoded] if decoded else []):
+                self._publish(inferred)
 
     # ----- engine ----------------------------------------------------------------------
 
@@ -497,9 +535,13 @@ class Service:
         ends, off this thread."""
         if not batch:
             return []
+        self._note(MODEL, batch)
+        if self.kill_marker and any(self.kill_marker in d.claim.relative for d in batch):
+            os.kill(os.getpid(), signal.SIGKILL)  # fault injection: see KILL_IN_MODEL_ENV
         started = time.monotonic()
         pairs, sizes = self._predict(batch)
         took = time.monotonic() - started
+        self._note(INFERRED, batch)
         self.metrics.stage.labels("inference").observe(took)
         self.metrics.batch_size.observe(len(batch))
         self.metrics.executions.inc()
@@ -511,6 +553,15 @@ class Service:
             self.metrics.stage.labels("queue").observe(waited)
             results.append(Inferred(decoded, alpha, size, waited, took, now))
         return results
+
+    @staticmethod
+    def _note(phase: str, batch: list[Decoded]) -> None:
+        """The batch's phase in each inbox's activity log (a batch may mix inboxes)."""
+        by_inbox: dict[int, tuple[Inbox, list[Claim]]] = {}
+        for decoded in batch:
+            by_inbox.setdefault(id(decoded.inbox), (decoded.inbox, []))[1].append(decoded.claim)
+        for inbox, claims in by_inbox.values():
+            inbox.claims.note(phase, claims)
 
     def _predict(self, batch: list[Decoded]) -> tuple[list[tuple[Decoded, np.ndarray]], list[int]]:
         """(file, alpha) pairs and the batch size each ran in. If the batch fails, each file
@@ -566,8 +617,15 @@ class Service:
             return True
         if isinstance(item, Stop):
             return False
+        self._publish(item)
+        return True
+
+    def _publish(self, item: Inferred) -> None:
+        """Encode the outputs, publish them, archive the original; or file it in errors/, or
+        pause when the outbox or archive cannot be written."""
         decoded = item.decoded
         inbox, claim = decoded.inbox, decoded.claim
+        inbox.claims.note(ENCODE, [claim])
         inference = {"inferred_at": item.inferred_at, "batch_size": item.batch_size,
                      "device": str(self.engine.device)}  # fmt: skip
         started = time.monotonic()
@@ -577,7 +635,7 @@ class Service:
         except (ValueError, ImageError) as exc:
             message = f"cannot encode outputs: {exc}"
             self._reject(inbox, claim, Reason.ENCODE, message, inference)
-            return True
+            return
         encoded = time.monotonic()
         self.metrics.stage.labels("encode").observe(encoded - started)
         try:
@@ -585,15 +643,15 @@ class Service:
             claim = self._archive(inbox, claim, files)
         except naming.NameCollisionError as exc:
             self._reject(inbox, claim, Reason.NAME_COLLISION, str(exc), inference)
-            return True
+            return
         except publish.UnsafePathError as exc:
             self._reject(inbox, claim, Reason.UNSAFE_PATH, f"not published: {exc}", inference)
-            return True
+            return
         except OSError as exc:
             if exc.errno not in PAUSE_REASONS:
                 raise
             self._pause(inbox, claim, exc)
-            return True
+            return
         self.metrics.stage.labels("publish").observe(time.monotonic() - encoded)
         timings = {
             "decode": decoded.decode_seconds, "queue": item.queue_seconds,
@@ -604,7 +662,6 @@ class Service:
         record = {**inference, "attempts": claim.attempts, "sha256": decoded.sha256,
                   "outputs": outputs}  # fmt: skip
         self._close_archived(inbox, claim, record, timings, item.batch_size)
-        return True
 
     def _output_names(self, inbox: Inbox, claim: Claim) -> list[PurePosixPath]:
         """Output paths (relative to the outbox) no other input owns, by the inbox's policy."""

@@ -321,6 +321,7 @@ def test_a_file_that_keeps_crashing_the_daemon_goes_to_errors(
     record = {
         "job_id": "0123456789abcdef", "inbox": "products", "relative": "shoes/boom.jpg",
         "size": 1, "detected_at": 1.0, "claimed_at": 2.0, "attempts": 3, "outcome": "",
+        "solo": True, "crashes": 3,
     }  # fmt: skip
     (folder / "job.json").write_text(json.dumps(record))
     assert run_once(site.config, site.root / "log") == 0
