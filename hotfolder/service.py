@@ -146,9 +146,11 @@ class Service:
     def run(self) -> int:
         """Start, serve until a signal (or, with --once, until the inboxes are empty), drain."""
         self._install_signal_handlers()
+        self._bind_metrics_server()  # a taken port stops us before the inboxes are touched
         self._describe_model()
         self.inboxes.start(self.config.inboxes)
-        self._start_metrics_server()
+        if self.server is not None:
+            self.server.start()
         self._recover()
         self._start_threads()
         self.notifier.notify("READY=1")
@@ -174,11 +176,11 @@ class Service:
         self.metrics.model_warmup.set(self.engine.warmup_seconds)
         self.engine.on_split = lambda size: self.metrics.oom_splits.inc()
 
-    def _start_metrics_server(self) -> None:
+    def _bind_metrics_server(self) -> None:
+        """Raises ConfigError when the metrics address cannot be bound."""
         listen = self.config.metrics.listen
         if listen and not self.once:
             self.server = MetricsServer(listen, self.metrics, self.health, self.readiness)
-            self.server.start()
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 
 import numpy as np
 import pytest
@@ -133,3 +134,23 @@ def test_sighup_applies_a_valid_config_and_refuses_an_invalid_one(
     rows = site.rows()
     assert sorted(r["path"] for r in rows) == sorted([*first, "after.jpg", "still.jpg", "face.jpg"])
     assert all(r["outcome"] == "success" for r in rows)
+
+
+def test_a_taken_metrics_port_is_a_config_error(site: Site) -> None:
+    """Another process listens on the port (a second daemon with the same config): exit 2 with
+    one line saying which setting to change, and nothing created in the inbox."""
+    site.write_config()
+    log = site.root / "log"
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        address = f"127.0.0.1:{other.getsockname()[1]}"
+        daemon = start(site.config, "--metrics-listen", address, log=log)
+        assert daemon.wait(timeout=120) == 2
+    text = log.read_text()
+    assert "Traceback" not in text
+    errors = [line for line in text.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, text
+    for needed in (address, "metrics.listen", "--metrics-listen"):
+        assert needed in errors[0]
+    assert site.files(site.inbox) == []
