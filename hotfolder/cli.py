@@ -144,6 +144,7 @@ def setup_logging(quiet: bool, verbose: bool, log_format: str = "text") -> None:
     handler.set_name("hotfolder")
     root.addHandler(handler)
     root.setLevel(level)
+    logging.captureWarnings(True)  # library warnings become log records in the chosen format
 
 
 def load_config(explicit: Path | None) -> config.Config:
