@@ -1,6 +1,6 @@
 """The ``hotfolder`` command: subcommands, logging set-up and exit codes.
 
-Exit codes: 0 success; 1 some files failed (``matte``) or the check found a problem;
+Exit codes: 0 success; 1 some files failed (``matte``, ``run --once``) or the check found a problem;
 2 unusable command line or configuration.
 """
 

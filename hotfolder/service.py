@@ -117,6 +117,7 @@ class Service:
         self.reload_requested = threading.Event()
         self.fatal: BaseException | None = None
         self.in_flight = 0
+        self.failed_files = 0  # this run's, for the exit code of --once
         self.in_flight_lock = threading.Lock()
         self.paused_until = 0.0
         self.scanned_once = False
@@ -164,6 +165,9 @@ class Service:
             self.server.stop()
         if self.fatal is not None:
             log.critical("stopped because a stage failed: %r", self.fatal)
+            return EXIT_FAILED
+        if self.once and self.failed_files:
+            log.warning("%d file(s) failed, see the errors folders", self.failed_files)
             return EXIT_FAILED
         return EXIT_OK if drained else EXIT_FAILED
 
@@ -637,6 +641,8 @@ class Service:
         else:
             self.journal.update(claim.job_id, outcome="failed", **record)
             self.metrics.processed.labels(name, "failed").inc()
+            with self.in_flight_lock:
+                self.failed_files += 1
         inbox.claims.finish(claim)
         self._count(-1)
 
