@@ -1,6 +1,6 @@
 """The ``hotfolder`` command: subcommands, logging set-up and exit codes.
 
-Exit codes: 0 success; 1 some files failed (``matte``) or the check found a problem;
+Exit codes: 0 success; 1 some files failed (``matte``, ``run --once``) or the check found a problem;
 2 unusable command line or configuration.
 """
 
@@ -144,6 +144,7 @@ def setup_logging(quiet: bool, verbose: bool, log_format: str = "text") -> None:
     handler.set_name("hotfolder")
     root.addHandler(handler)
     root.setLevel(level)
+    logging.captureWarnings(True)  # library warnings become log records in the chosen format
 
 
 def load_config(explicit: Path | None) -> config.Config:

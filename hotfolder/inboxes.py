@@ -50,8 +50,10 @@ class Inbox:
         )
 
     def start(self) -> None:
-        self.watcher.start()
+        # Work folders first: created under a running recursive watch, each new folder would
+        # race its own creation event for a watch (watchdog warns "Callback ... already exists").
         self.claims.open()
+        self.watcher.start()
 
     def reconfigure(self, config: InboxConfig) -> None:
         """New settings for the same folder: outputs apply to the next file published; a

@@ -25,6 +25,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from hotfolder.config import ConfigError
 from hotfolder.jobs import Reason
 
 log = logging.getLogger(__name__)
@@ -201,8 +202,15 @@ class MetricsServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, listen: str, metrics: Metrics, health: Check, readiness: Check) -> None:
+        """Binds the address at once; raises ConfigError when it cannot (taken, not local)."""
         host, _, port = listen.rpartition(":")
-        super().__init__((host.strip("[]") or "127.0.0.1", int(port)), _Handler)
+        try:
+            super().__init__((host.strip("[]") or "127.0.0.1", int(port)), _Handler)
+        except OSError as exc:
+            raise ConfigError(
+                f"metrics.listen: cannot listen on {listen} ({exc.strerror}); each daemon on a "
+                "host needs its own port: change metrics.listen or pass --metrics-listen HOST:PORT"
+            ) from None
         self.metrics = metrics
         self.health = health
         self.readiness = readiness

@@ -122,6 +122,7 @@ class Service:
         self.reload_requested = threading.Event()
         self.fatal: BaseException | None = None
         self.in_flight = 0
+        self.failed_files = 0  # this run's, for the exit code of --once
         self.in_flight_lock = threading.Lock()
         self.paused_until = 0.0
         self.scanned_once = False
@@ -151,9 +152,11 @@ class Service:
     def run(self) -> int:
         """Start, serve until a signal (or, with --once, until the inboxes are empty), drain."""
         self._install_signal_handlers()
+        self._bind_metrics_server()  # a taken port stops us before the inboxes are touched
         self._describe_model()
         self.inboxes.start(self.config.inboxes)
-        self._start_metrics_server()
+        if self.server is not None:
+            self.server.start()
         self._recover()
         try:
             self._run_suspects()
@@ -174,6 +177,9 @@ class Service:
         if self.fatal is not None:
             log.critical("stopped because a stage failed: %r", self.fatal)
             return EXIT_FAILED
+        if self.once and self.failed_files:
+            log.warning("%d file(s) failed, see the errors folders", self.failed_files)
+            return EXIT_FAILED
         return EXIT_OK if drained else EXIT_FAILED
 
     def _describe_model(self) -> None:
@@ -185,11 +191,11 @@ class Service:
         self.metrics.model_warmup.set(self.engine.warmup_seconds)
         self.engine.on_split = lambda size: self.metrics.oom_splits.inc()
 
-    def _start_metrics_server(self) -> None:
+    def _bind_metrics_server(self) -> None:
+        """Raises ConfigError when the metrics address cannot be bound."""
         listen = self.config.metrics.listen
         if listen and not self.once:
             self.server = MetricsServer(listen, self.metrics, self.health, self.readiness)
-            self.server.start()
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -739,6 +745,8 @@ class Service:
         else:
             self.journal.update(claim.job_id, outcome="failed", **record)
             self.metrics.processed.labels(name, "failed").inc()
+            with self.in_flight_lock:
+                self.failed_files += 1
         inbox.claims.finish(claim)
         self._count(-1)
 

@@ -56,6 +56,36 @@ IGNORED_NAMES = (
 RESCAN = "\0rescan"  # hint: list the whole inbox now (a folder appeared or moved in)
 
 
+class _HarmlessWatchdogNoise(logging.Filter):
+    """Logs two messages of watchdog's inotify observer at DEBUG, where they belong:
+
+    - ERROR "queue_events() called when the thread is inactive": an event that reaches the
+      emitter while the observer stops is dropped. It happens at every stop within half a second
+      of a file leaving the inbox (watchdog holds such a move that long, to pair it with a move
+      in). Nothing is lost: the folder listing is the truth, and every start scans it.
+    - RuntimeWarning "Callback with id ... already exists": a folder created under the watch
+      was seen both by watchdog's walk and by its own creation event, and got the same callback
+      on the same watch twice, which changes nothing.
+    """
+
+    MESSAGES = ("called when the thread is inactive", "already exists for watch")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if any(text in record.getMessage() for text in self.MESSAGES):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+_NOISE = _HarmlessWatchdogNoise()
+
+
+def _quiet_harmless_watchdog_noise() -> None:
+    # py.warnings: where logging.captureWarnings sends warnings (the CLI turns it on).
+    for name in ("watchdog.observers.inotify", "py.warnings"):
+        logging.getLogger(name).addFilter(_NOISE)  # once: addFilter skips a filter it has
+
+
 def is_ignored(name: str) -> bool:
     lowered = name.lower()
     return any(fnmatch.fnmatchcase(lowered, pattern) for pattern in IGNORED_NAMES)
@@ -125,6 +155,7 @@ class InboxWatcher:
         self.root.mkdir(parents=True, exist_ok=True)
         self.root_inode = self.root.stat().st_ino
         if self.observe:
+            _quiet_harmless_watchdog_noise()
             observer_class = PollingObserver if self.config.polling else Observer
             observer = observer_class(timeout=0.5)
             observer.schedule(

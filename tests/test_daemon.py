@@ -70,7 +70,7 @@ def test_once_drains_the_inbox(site: Site, photos: dict[str, np.ndarray]) -> Non
     corpus.write(site.inbox, "bad/huge.png", corpus.png_claiming(100_000, 100_000))
     (site.inbox / "bad/passwd.jpg").symlink_to("/etc/passwd")
 
-    assert run_once(site.config, site.root / "log") == 0
+    assert run_once(site.config, site.root / "log") == 1  # five files failed
 
     assert site.visible_inbox_files() == []
     assert site.files(site.done) == sorted(good)
@@ -106,6 +106,22 @@ def test_once_drains_the_inbox(site: Site, photos: dict[str, np.ndarray]) -> Non
     lines = history.stdout.splitlines()
     assert len(lines) == 6  # a header and the five failures
     assert any("bad/huge.png: too_many_pixels: is 100000×100000" in line for line in lines)
+
+
+def test_once_exits_1_when_a_file_failed(site: Site, photos: dict[str, np.ndarray]) -> None:
+    """A cron job must be able to tell: 1 when some file went to errors/, 0 when none did."""
+    site.write_config()
+    first, second = photo_jpegs(photos, 2)
+    corpus.write(site.inbox, "good.jpg", first)
+    corpus.write(site.inbox, "corrupt.jpg", corpus.truncated_jpeg(photos["coffee"]))
+    assert run_once(site.config, site.root / "log") == 1
+    assert site.files(site.done) == ["good.jpg"]
+    assert_one_output_set(site, "good.jpg")
+    assert site.files(site.errors) == ["corrupt.jpg", "corrupt.jpg.error.json"]
+
+    corpus.write(site.inbox, "second.jpg", second)
+    assert run_once(site.config, site.root / "log") == 0
+    assert site.files(site.done) == ["good.jpg", "second.jpg"]
 
 
 def test_batches_fill_to_max_batch_size(site: Site, photos: dict[str, np.ndarray]) -> None:
@@ -305,7 +321,7 @@ def test_a_failing_stage_stops_the_daemon_and_keeps_the_file(
     work = site.files(site.inbox / ".hotfolder" / "work")
     assert any(path.endswith("/source") for path in work), "the file is kept"
     site.errors.unlink()
-    assert run_once(site.config, log) == 0
+    assert run_once(site.config, log) == 1  # the file went to errors/
     report = json.loads((site.errors / "notes.jpg.error.json").read_text())
     assert report["reason"] == "unsupported_format"
     assert report["attempts"] == 2
@@ -324,7 +340,7 @@ def test_a_file_that_keeps_crashing_the_daemon_goes_to_errors(
         "solo": True, "crashes": 3,
     }  # fmt: skip
     (folder / "job.json").write_text(json.dumps(record))
-    assert run_once(site.config, site.root / "log") == 0
+    assert run_once(site.config, site.root / "log") == 1
     report = json.loads((site.errors / "shoes/boom.jpg.error.json").read_text())
     assert report["reason"] == "repeated_failure"
     assert report["attempts"] == 3
@@ -346,7 +362,7 @@ def test_a_job_killed_while_archiving_keeps_its_original(
         "size": 1, "detected_at": 1.0, "claimed_at": 2.0, "attempts": 1, "outcome": outcome,
     }  # fmt: skip
     (folder / "job.json").write_text(json.dumps(record))
-    assert run_once(site.config, site.root / "log") == 0
+    assert run_once(site.config, site.root / "log") == (1 if outcome == "failed" else 0)
     assert site.files(site.root / archive) == ["shoes/last.jpg"]
     assert not folder.parent.exists()
     assert [r["outcome"] for r in site.rows()] == [outcome]
@@ -417,7 +433,7 @@ def test_hostile_names_and_special_files_never_stop_the_daemon(
         Image.fromarray(photos["coffee"]), "WEBP", save_all=True,
         append_images=[Image.fromarray(photos["coffee"][::-1].copy())]))  # fmt: skip
 
-    assert run_once(site.config, site.root / "log") == 0
+    assert run_once(site.config, site.root / "log") == 1  # four files failed
 
     good = sorted([*names, "cmyk.jpg", "gray16.png"])
     assert site.files(site.done) == good

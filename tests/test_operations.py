@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,3 +135,54 @@ def test_sighup_applies_a_valid_config_and_refuses_an_invalid_one(
     rows = site.rows()
     assert sorted(r["path"] for r in rows) == sorted([*first, "after.jpg", "still.jpg", "face.jpg"])
     assert all(r["outcome"] == "success" for r in rows)
+
+
+def test_a_taken_metrics_port_is_a_config_error(site: Site) -> None:
+    """Another process listens on the port (a second daemon with the same config): exit 2 with
+    one line saying which setting to change, and nothing created in the inbox."""
+    site.write_config()
+    log = site.root / "log"
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        address = f"127.0.0.1:{other.getsockname()[1]}"
+        daemon = start(site.config, "--metrics-listen", address, log=log)
+        assert daemon.wait(timeout=120) == 2
+    text = log.read_text()
+    assert "Traceback" not in text
+    errors = [line for line in text.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, text
+    for needed in (address, "metrics.listen", "--metrics-listen"):
+        assert needed in errors[0]
+    assert site.files(site.inbox) == []
+
+
+def test_json_logs_hold_only_json_and_a_clean_stop_logs_no_error(
+    site: Site, photos: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    """Started on a new inbox (its work folders appear while it is watched) and stopped right
+    after files left the inbox (watchdog holds such a move for half a second to pair it)."""
+    site.write_config()
+    log = site.root / "log"
+    corpus.write(site.inbox, "upload.tmp", b"an upload the user takes back")
+    daemon = start(site.config, "--log-format", "json", log=log)
+    try:
+        wait_serving(log)
+        corpus.write(site.inbox, "shoes/p0.jpg", photo_jpegs(photos, 1)[0])
+        wait_for(lambda: site.files(site.done) == ["shoes/p0.jpg"], 60, "the photo published")
+        (site.inbox / "upload.tmp").rename(tmp_path / "upload.tmp")
+    finally:
+        assert stop(daemon) == 0
+    lines = log.read_text().splitlines()
+    records = [json.loads(line) for line in lines if _json_object(line)]
+    assert [line for line in lines if not _json_object(line)] == []
+    assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    assert [r for r in records if r["level"] in ("ERROR", "CRITICAL")] == []
+    assert records[-1]["message"] == "stopped cleanly"
+
+
+def _json_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
