@@ -1,7 +1,7 @@
 """One bad file never fails its batch-mates; a broken device never blames the files.
 
-The service's batch fallback is driven directly, with the real model wrapped so that it fails
-the way a bad input or a lost GPU would.
+The infer stage is driven directly, outside any daemon, with the real model wrapped so that it
+fails the way a bad input or a lost GPU would.
 """
 
 from __future__ import annotations
@@ -15,7 +15,12 @@ import pytest
 
 from hotfolder import config, imaging
 from hotfolder.engine import MattingEngine
-from hotfolder.service import Decoded, Service
+from hotfolder.inboxes import Inbox, InboxSet
+from hotfolder.journal import Journal
+from hotfolder.metrics import Metrics
+from hotfolder.outcomes import Outcomes
+from hotfolder.pipeline import Decoded, Pipeline
+from hotfolder.stages.infer import Infer
 
 from . import corpus
 from .conftest import WEIGHTS
@@ -44,45 +49,52 @@ class DeviceLost(MattingEngine):
         return super().predict(images)
 
 
-def claimed_batch(service: Service, site: Site, images: list[bytes]) -> list[Decoded]:
-    inbox = service.inboxes.start(service.config.inboxes)[0]
+def claimed_batch(infer: Infer, site: Site, images: list[bytes]) -> list[Decoded]:
+    inbox = infer.pipeline.inboxes.active[0]
     batch = []
     for i, data in enumerate(images):
         corpus.write(site.inbox, f"f{i}.jpg", data)
         claim = inbox.claims.claim(f"f{i}.jpg", time.time())
         assert claim is not None
-        service._count(+1)
-        service._begin(claim)
+        infer.outcomes.begin(claim)
         picture = imaging.decode(claim.source.read_bytes())
         batch.append(Decoded(inbox, claim, picture, "", 0.0, time.monotonic()))
     return batch
 
 
 @pytest.fixture
-def make_service(site: Site) -> Iterator[Callable[[type[MattingEngine]], Service]]:
-    """A service (no threads, no observers) on the real model wrapped in ``engine_class``."""
-    made: list[Service] = []
+def make_stage(site: Site) -> Iterator[Callable[[type[MattingEngine]], Infer]]:
+    """The infer stage (no threads, no observers) on the real model wrapped in
+    ``engine_class``."""
+    made: list[Pipeline] = []
 
-    def make(engine_class: type[MattingEngine]) -> Service:
+    def make(engine_class: type[MattingEngine]) -> Infer:
         cfg = config.load(site.write_config())
+        config.ensure_folders(cfg)
         engine = engine_class("u2netp", WEIGHTS, device="cpu")
         engine.setup()
-        made.append(Service(cfg, engine, once=True))
-        return made[-1]
+        metrics = Metrics()
+        inboxes = InboxSet(lambda c: Inbox(c, 1.0, False, lambda *a: None, lambda n: None))
+        for inbox_config in cfg.inboxes:
+            metrics.add_inbox(inbox_config.name)
+        inboxes.start(cfg.inboxes)
+        pipeline = Pipeline(cfg, engine, metrics, Journal(cfg.journal), inboxes, once=True)
+        made.append(pipeline)
+        return Infer(pipeline, Outcomes(pipeline))
 
     yield make
-    for service in made:
-        service.inboxes.stop()
-        service.journal.close()
+    for pipeline in made:
+        pipeline.inboxes.stop()
+        pipeline.journal.close()
 
 
 def test_a_file_the_model_cannot_take_goes_to_errors_alone(
-    site: Site, photos: dict[str, np.ndarray], make_service: Callable[..., Service]
+    site: Site, photos: dict[str, np.ndarray], make_stage: Callable[..., Infer]
 ) -> None:
-    service = make_service(FailsOnWidth)
+    infer = make_stage(FailsOnWidth)
     images = photo_jpegs(photos, 3)
     images[1] = corpus.jpeg(photos["coffee"][:50, : FailsOnWidth.bad_width])
-    results = service._infer(claimed_batch(service, site, images))
+    results = infer.infer(claimed_batch(infer, site, images))
     assert [r.decoded.claim.relative for r in results] == ["f0.jpg", "f2.jpg"]
     assert [r.batch_size for r in results] == [1, 1]
     report = json.loads((site.errors / "f1.jpg.error.json").read_text())
@@ -91,14 +103,15 @@ def test_a_file_the_model_cannot_take_goes_to_errors_alone(
 
 
 def test_a_lost_device_puts_the_files_back_and_stops(
-    site: Site, photos: dict[str, np.ndarray], make_service: Callable[..., Service]
+    site: Site, photos: dict[str, np.ndarray], make_stage: Callable[..., Infer]
 ) -> None:
-    service = make_service(DeviceLost)
-    batch = claimed_batch(service, site, photo_jpegs(photos, 3))
-    assert isinstance(service.engine, DeviceLost)
-    service.engine.lost = True
+    infer = make_stage(DeviceLost)
+    batch = claimed_batch(infer, site, photo_jpegs(photos, 3))
+    engine = infer.pipeline.engine
+    assert isinstance(engine, DeviceLost)
+    engine.lost = True
     with pytest.raises(RuntimeError, match="fails on a blank image"):
-        service._infer(batch)
+        infer.infer(batch)
     assert sorted(p.name for p in site.inbox.glob("*.jpg")) == ["f0.jpg", "f1.jpg", "f2.jpg"]
     assert not site.errors.exists() or list(site.errors.iterdir()) == []
-    assert service.in_flight == 0
+    assert infer.pipeline.in_flight == 0

@@ -31,7 +31,8 @@ def test_only_one_daemon_wins_a_file(tmp_path: Path) -> None:
 def test_attempts_are_persisted(tmp_path: Path) -> None:
     (tmp_path / "a.jpg").write_bytes(b"photo")
     claims = store(tmp_path)
-    claim = claims.record_attempt(claims.record_attempt(claims.claim("a.jpg", 0.0)))  # type: ignore[arg-type]
+    first = claims.record_attempt(claims.claim("a.jpg", 0.0), persist=True)  # type: ignore[arg-type]
+    claim = claims.record_attempt(first, persist=True)
     saved = json.loads((claim.folder / "job.json").read_text())
     assert saved["attempts"] == 2
     assert saved["relative"] == "a.jpg"

@@ -1,0 +1,151 @@
+"""How a job ends, whichever stage ends it: back to the inbox untouched, into errors/ with a
+reason, or archived after its outputs were published; and the journal row and metrics of each.
+
+This module sits below the stages (every stage ends jobs through it) and above the file and
+claim modules, so that no stage needs another, and none needs the service.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from hotfolder import __version__, config, names, publish
+from hotfolder.claims import Claim
+from hotfolder.inboxes import Inbox
+from hotfolder.jobs import Reason
+from hotfolder.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+
+class Outcomes:
+    """Ends jobs for the stages of one pipeline."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+
+    def begin(self, claim: Claim) -> None:
+        """A claimed (or adopted) job: one more file in flight, and its journal row."""
+        self.pipeline.count(+1)
+        self.pipeline.journal.begin(
+            claim.job_id, inbox=claim.inbox, path=names.escape(claim.relative), size=claim.size,
+            detected_at=claim.detected_at, claimed_at=claim.claimed_at,
+            attempts=claim.attempts, outcome="claimed", host=self.pipeline.host,
+        )  # fmt: skip
+
+    def release(self, inbox: Inbox, claim: Claim) -> None:
+        """Put an unfinished job's file back in the inbox, as if it had never been taken."""
+        if inbox.claims.release(claim):
+            self.pipeline.journal.forget(claim.job_id)
+        else:
+            log.warning("%s/%s: a new file took its name; kept for the next start",
+                        inbox.config.name, names.escape(claim.relative))  # fmt: skip
+        self.pipeline.count(-1)
+
+    def reject(
+        self,
+        inbox: Inbox,
+        claim: Claim,
+        reason: Reason,
+        message: str,
+        columns: dict[str, Any] | None = None,
+    ) -> None:
+        """Move the file to errors/ with a sidecar saying why; ``columns`` are more journal
+        fields of the job."""
+        cfg = inbox.config
+        shown = names.escape(claim.relative)
+        log.warning(
+            "%s/%s: failed: %s (%s)", cfg.name, shown, message, reason.value,
+            extra={"inbox": cfg.name, "path": shown, "outcome": "failed",
+                   "reason": reason.value, "attempts": claim.attempts, "job": claim.job_id},
+        )  # fmt: skip
+        report: dict[str, object] = {
+            "file": shown,
+            "inbox": cfg.name,
+            "reason": reason.value,
+            "message": f"{names.escape(claim.name)} {message}",
+            "attempts": claim.attempts,
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
+            "host": self.pipeline.host,
+            "version": __version__,
+            "job": claim.job_id,
+        }
+        write_error_report(cfg, claim, report)
+        claim = inbox.claims.record_outcome(claim, "failed")
+        file_original(cfg, claim)
+        self.pipeline.metrics.failures.labels(cfg.name, reason.value).inc()
+        record = {**(columns or {}), "reason": reason.value, "error": message,
+                  "attempts": claim.attempts}  # fmt: skip
+        self.close_archived(inbox, claim, record)
+
+    def close_archived(
+        self,
+        inbox: Inbox,
+        claim: Claim,
+        record: dict[str, Any] | None = None,
+        timings: dict[str, float] | None = None,
+        batch_size: int = 0,
+    ) -> None:
+        """The original has left the work folder: record how the job ended (one journal write,
+        with ``record``'s columns) and forget it."""
+        name = inbox.config.name
+        metrics, journal = self.pipeline.metrics, self.pipeline.journal
+        shown = names.escape(claim.relative)
+        record = record or {}
+        if claim.outcome == "success":
+            now = time.time()
+            latency = now - claim.detected_at
+            journal.update(claim.job_id, outcome="success", published_at=now, **record)
+            metrics.processed.labels(name, "success").inc()
+            metrics.latency.labels(name).observe(latency)
+            metrics.last_success.labels(name).set(now)
+            stages = {k: round(v * 1000) for k, v in (timings or {}).items()}
+            detail = ", ".join(f"{k} {v}" for k, v in stages.items())
+            log.info(
+                "%s/%s: success in %.0f ms (%s ms; batch of %d)", name, shown,
+                latency * 1000, detail, batch_size,
+                extra={"inbox": name, "path": shown, "outcome": "success",
+                       "latency_ms": round(latency * 1000), "stages_ms": stages,
+                       "batch_size": batch_size, "job": claim.job_id},
+            )  # fmt: skip
+        else:
+            journal.update(claim.job_id, outcome="failed", **record)
+            metrics.processed.labels(name, "failed").inc()
+            self.pipeline.count_failure()
+        inbox.claims.finish(claim)
+        self.pipeline.count(-1)
+
+
+def file_original(cfg: config.InboxConfig, claim: Claim) -> None:
+    """Move the original out of the work folder to where its recorded outcome sends it."""
+    destination = original_destination(cfg, claim.outcome)
+    if destination is None:
+        os.unlink(claim.source)
+        return
+    tag = claim.job_id[:8]
+    try:
+        publish.archive(claim.source, destination, claim.relative, tag, cfg.permissions)
+    except publish.UnsafePathError as exc:
+        # A link where its subfolder should be: the top of the folder, never the link.
+        log.error("%s; %s goes to %s instead", exc, names.escape(claim.name), destination)
+        publish.archive(claim.source, destination, claim.name, tag, cfg.permissions)
+
+
+def write_error_report(cfg: config.InboxConfig, claim: Claim, report: dict[str, object]) -> None:
+    """The sidecar beside where :func:`file_original` will put the rejected file."""
+    tag = claim.job_id[:8]
+    try:
+        publish.write_error_report(cfg.errors, claim.relative, tag, report, cfg.permissions)
+    except publish.UnsafePathError:
+        publish.write_error_report(cfg.errors, claim.name, tag, report, cfg.permissions)
+
+
+def original_destination(cfg: config.InboxConfig, outcome: str) -> Path | None:
+    """The folder the original of a finished job goes to: errors/ when it failed, done/ when it
+    succeeded (None: originals are deleted)."""
+    return cfg.done if outcome == "success" else cfg.errors

@@ -1,0 +1,199 @@
+"""The intake stage: watch the inboxes, claim ready files when the pipeline has room, adopt the
+jobs of daemons that died, apply a reloaded config, and keep the backlog gauges current.
+
+It owns the set of inboxes (a SIGHUP changes it here, in this thread, from the flag the signal
+handler set) and the list of files that are ready but not claimed yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import time
+from collections import deque
+from dataclasses import replace
+
+import torch
+
+from hotfolder import config, names
+from hotfolder.claims import Claim
+from hotfolder.inboxes import Inbox
+from hotfolder.jobs import Reason
+from hotfolder.outcomes import Outcomes, file_original
+from hotfolder.pipeline import PAUSE_REASONS, Pipeline
+from hotfolder.watch import Ready
+
+log = logging.getLogger(__name__)
+
+INTAKE_TICK = 0.05
+HOUSEKEEPING_SECONDS = 5.0  # heartbeats, backlog gauges, disk space, GPU memory
+# Config sections a SIGHUP cannot change in a running process (inboxes, outputs, batching and
+# limits apply at once).
+RESTART_ONLY = ("model", "daemon", "metrics", "journal")
+
+
+class Intake:
+    def __init__(self, pipeline: Pipeline, outcomes: Outcomes) -> None:
+        self.pipeline = pipeline
+        self.outcomes = outcomes
+        self.ready: deque[tuple[Inbox, Ready]] = deque()
+        self.scanned_once = False
+        self.next_housekeeping = 0.0
+
+    def step(self) -> bool:
+        """Reload if asked, take what the watchers found, claim while there is room; False
+        once the stage is finished (stopping, or ``--once`` with nothing left)."""
+        pipeline = self.pipeline
+        if pipeline.stopping.is_set():
+            return False
+        if pipeline.reload_requested.is_set():
+            pipeline.reload_requested.clear()
+            self.reload()
+        now = time.monotonic()
+        for inbox in pipeline.inboxes.active:
+            for ready in inbox.watcher.step(now):
+                self.ready.append((inbox, ready))
+        self.scanned_once = True
+        if now >= pipeline.paused_until:
+            for reason in PAUSE_REASONS.values():
+                pipeline.metrics.paused.labels(reason).set(0)
+            self.feed_claims()
+        if now >= self.next_housekeeping:
+            self.next_housekeeping = now + HOUSEKEEPING_SECONDS
+            self.housekeeping()
+        if pipeline.once and self.idle():
+            pipeline.stop_requested.set()
+            return False
+        time.sleep(INTAKE_TICK)
+        return True
+
+    def feed_claims(self) -> None:
+        pipeline = self.pipeline
+        while pipeline.recovered and not pipeline.claims.full():
+            pipeline.claims.put(pipeline.recovered.popleft())
+        while self.ready and not pipeline.claims.full():
+            inbox, ready = self.ready.popleft()
+            claim = inbox.claims.claim(ready.relative, ready.detected_at)
+            inbox.watcher.done(ready.relative)
+            if claim is None:
+                continue  # gone, or another daemon took it
+            self.outcomes.begin(claim)
+            pipeline.claims.put((inbox, claim))
+
+    def idle(self) -> bool:
+        pipeline = self.pipeline
+        pending = any(inbox.watcher.pending for inbox in pipeline.inboxes.active)
+        waiting = self.ready or pipeline.recovered
+        return self.scanned_once and not pipeline.busy() and not pending and not waiting
+
+    # ----- jobs left by daemons that died ------------------------------------------------
+
+    def recover(self) -> None:
+        """Adopt every dead daemon's jobs: finish those whose outcome was decided, queue the
+        rest (suspects of the crash apart, to be retried alone)."""
+        for inbox in self.pipeline.inboxes.active:
+            for claim in inbox.claims.recover():
+                try:
+                    self._resume(inbox, claim)
+                except Exception as exc:  # one bad job never keeps the daemon from serving
+                    self._abandon(inbox, claim, exc)
+
+    def _resume(self, inbox: Inbox, claim: Claim) -> None:
+        log.info("%s/%s: resuming a job left by a stopped daemon", inbox.config.name,
+                 names.escape(claim.relative))  # fmt: skip
+        self.outcomes.begin(claim)
+        if claim.outcome:
+            # Stopped after deciding the outcome: finish filing the original if the daemon
+            # died before it left the work folder.
+            if os.path.lexists(claim.source):
+                file_original(inbox.config, claim)
+            self.outcomes.close_archived(inbox, claim)
+        elif claim.solo:
+            self.pipeline.suspects.append((inbox, claim))
+        else:
+            self.pipeline.recovered.append((inbox, claim))
+
+    def _abandon(self, inbox: Inbox, claim: Claim, error: Exception) -> None:
+        """A left-over job that cannot be resumed: its file goes to errors/ with the reason.
+        If even that fails (errors/ unwritable), the job stays where it is for the next start,
+        and the daemon serves on."""
+        log.exception("%s/%s: cannot resume this job", inbox.config.name,
+                      names.escape(claim.relative))  # fmt: skip
+        try:
+            if claim.outcome and not os.path.lexists(claim.source):
+                self.outcomes.close_archived(inbox, claim)  # only the record was left
+            else:
+                message = f"could not be resumed: {error}"
+                self.outcomes.reject(inbox, claim, Reason.RECOVERY, message)
+        except Exception:
+            log.exception("%s/%s: left in %s for the next start", inbox.config.name,
+                          names.escape(claim.relative), claim.folder)  # fmt: skip
+
+    # ----- gauges, heartbeats ------------------------------------------------------------
+
+    def housekeeping(self) -> None:
+        pipeline = self.pipeline
+        self.observe_backlog()
+        pipeline.inboxes.heartbeat()
+        pipeline.inboxes.close_retired(lambda inbox: inbox.claims.has_jobs())
+        for inbox in pipeline.inboxes.active:
+            cfg = inbox.config
+            for folder, path in (("inbox", cfg.path), ("outbox", cfg.outbox),
+                                 ("done", cfg.done), ("errors", cfg.errors)):  # fmt: skip
+                if path is not None:
+                    with contextlib.suppress(OSError):
+                        free = shutil.disk_usage(path).free
+                        pipeline.metrics.disk_free.labels(cfg.name, folder).set(free)
+        engine = pipeline.engine
+        if engine.device.type == "cuda":
+            gpu = engine.device
+            pipeline.metrics.gpu_memory.labels("allocated").set(torch.cuda.memory_allocated(gpu))
+            pipeline.metrics.gpu_memory.labels("reserved").set(torch.cuda.memory_reserved(gpu))
+
+    def observe_backlog(self) -> None:
+        """Files seen but not claimed yet: settling in the watcher, or ready and waiting for
+        room in the pipeline."""
+        pipeline = self.pipeline
+        now = time.time()
+        active = pipeline.inboxes.active
+        waiting = {id(inbox): 0 for inbox in active}
+        oldest = {id(inbox): inbox.watcher.oldest_detected() or now for inbox in active}
+        for inbox, ready in self.ready:  # one pass: a backlog can be long
+            if id(inbox) in waiting:
+                waiting[id(inbox)] += 1
+                oldest[id(inbox)] = min(oldest[id(inbox)], ready.detected_at)
+        for inbox in active:
+            name, key = inbox.config.name, id(inbox)
+            pipeline.metrics.pending.labels(name).set(len(inbox.watcher.pending) + waiting[key])
+            pipeline.metrics.oldest_pending.labels(name).set(now - oldest[key])
+
+    # ----- SIGHUP ------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """Apply a new config, or refuse it and keep the running one."""
+        pipeline = self.pipeline
+        metrics, running = pipeline.metrics, pipeline.config
+        source = running.source
+        try:
+            if source is None:
+                raise config.ConfigError("the daemon was started without a config file")
+            new = config.load(source)
+            config.ensure_folders(new)
+        except config.ConfigError as exc:
+            log.error("config reload refused, the running config stays: %s", exc)
+            metrics.reloads.labels("failure").inc()
+            metrics.reload_ok.set(0)
+            return
+        changed = [s for s in RESTART_ONLY if getattr(new, s) != getattr(running, s)]
+        if changed:
+            log.warning(
+                "config reload: changes to %s apply at the next restart", ", ".join(changed)
+            )
+        pipeline.config = replace(new, **{s: getattr(running, s) for s in RESTART_ONLY})
+        pipeline.inboxes.apply(new.inboxes)
+        self.ready = deque((i, r) for i, r in self.ready if i in pipeline.inboxes.active)
+        metrics.reloads.labels("success").inc()
+        metrics.reload_ok.set(1)
+        log.info("config reloaded from %s: %d inbox(es)", source, len(pipeline.inboxes.active))

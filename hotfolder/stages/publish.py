@@ -1,0 +1,124 @@
+"""The publish stage: a picture and its alpha matte become the inbox's outputs in the outbox,
+then (only then) the original is archived; or the file goes to errors/ with the reason; or,
+when the outbox or archive cannot be written, the file goes back and intake pauses."""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import time
+from pathlib import PurePosixPath
+
+from hotfolder import names, naming, publish, recipes
+from hotfolder.claims import ENCODE, Claim
+from hotfolder.collect import Stop
+from hotfolder.inboxes import Inbox
+from hotfolder.jobs import ImageError, Reason
+from hotfolder.outcomes import Outcomes, file_original
+from hotfolder.pipeline import PAUSE_REASONS, PAUSE_SECONDS, QUEUE_POLL, Inferred, Pipeline
+
+log = logging.getLogger(__name__)
+
+
+class Publish:
+    """One of the publish pool's threads runs ``step`` in a loop."""
+
+    def __init__(self, pipeline: Pipeline, outcomes: Outcomes) -> None:
+        self.pipeline = pipeline
+        self.outcomes = outcomes
+
+    def step(self) -> bool:
+        """Publish one inferred file; False at the stop sentinel."""
+        try:
+            item = self.pipeline.inferred.get(timeout=QUEUE_POLL)
+        except queue.Empty:
+            return True
+        if isinstance(item, Stop):
+            return False
+        self.publish(item)
+        return True
+
+    def publish(self, item: Inferred) -> None:
+        """Encode the outputs, publish them, archive the original; or file it in errors/, or
+        pause when the outbox or archive cannot be written (other OSErrors propagate)."""
+        decoded = item.decoded
+        inbox, claim = decoded.inbox, decoded.claim
+        inbox.claims.note(ENCODE, [claim])
+        inference = {"inferred_at": item.inferred_at, "batch_size": item.batch_size,
+                     "device": str(self.pipeline.engine.device)}  # fmt: skip
+        started = time.monotonic()
+        try:
+            picture, alpha = decoded.picture, item.alpha
+            rendered = [recipes.render(o, picture, alpha) for o in inbox.config.outputs]
+        except (ValueError, ImageError) as exc:
+            message = f"cannot encode outputs: {exc}"
+            self.outcomes.reject(inbox, claim, Reason.ENCODE, message, inference)
+            return
+        encoded = time.monotonic()
+        self.pipeline.metrics.stage.labels("encode").observe(encoded - started)
+        try:
+            files = list(zip(self.output_names(inbox, claim), rendered, strict=True))
+            claim = self.archive(inbox, claim, files)
+        except naming.NameCollisionError as exc:
+            self.outcomes.reject(inbox, claim, Reason.NAME_COLLISION, str(exc), inference)
+            return
+        except publish.UnsafePathError as exc:
+            message = f"not published: {exc}"
+            self.outcomes.reject(inbox, claim, Reason.UNSAFE_PATH, message, inference)
+            return
+        except OSError as exc:
+            if exc.errno not in PAUSE_REASONS:
+                raise
+            self.pause(inbox, claim, exc)
+            return
+        published = time.monotonic()
+        self.pipeline.metrics.stage.labels("publish").observe(published - encoded)
+        timings = {
+            "decode": decoded.decode_seconds, "queue": item.queue_seconds,
+            "inference": item.inference_seconds, "encode": encoded - started,
+            "publish": published - encoded,
+        }  # fmt: skip
+        outputs = [names.escape(str(inbox.config.outbox / path)) for path, _ in files]
+        record = {**inference, "attempts": claim.attempts, "sha256": decoded.sha256,
+                  "outputs": outputs}  # fmt: skip
+        self.outcomes.close_archived(inbox, claim, record, timings, item.batch_size)
+
+    def output_names(self, inbox: Inbox, claim: Claim) -> list[PurePosixPath]:
+        """Output paths (relative to the outbox) no other input owns, by the inbox's policy."""
+        cfg = inbox.config
+        owner = f"{cfg.name}:{names.escape(claim.relative)}"
+
+        def key(path: PurePosixPath) -> str:
+            return names.escape(str(cfg.outbox / path))
+
+        def taken(escaped: str) -> bool:
+            return os.path.lexists(names.unescape(escaped))
+
+        journal = self.pipeline.journal
+        return naming.choose(cfg.outputs, claim.relative, cfg.collisions, owner, journal, key,
+                             taken)  # fmt: skip
+
+    @staticmethod
+    def archive(inbox: Inbox, claim: Claim, files: list[tuple[PurePosixPath, bytes]]) -> Claim:
+        """Outputs into the outbox, then (only then) the original out of the work folder."""
+        cfg = inbox.config
+        if cfg.done is not None:  # refuse a linked done/ folder before anything is published
+            with publish.open_folder(cfg.done, PurePosixPath(claim.relative).parent,
+                                     cfg.permissions):  # fmt: skip
+                pass
+        publish.place_outputs(files, cfg.outbox, claim.folder / "outputs", cfg.permissions)
+        claim = inbox.claims.record_outcome(claim, "success")
+        file_original(cfg, claim)
+        return claim
+
+    def pause(self, inbox: Inbox, claim: Claim, exc: OSError) -> None:
+        """The outbox or archive cannot be written: keep the file, stop taking new ones for a
+        while, and try again then."""
+        reason = PAUSE_REASONS[exc.errno or 0]
+        log.error("%s/%s: cannot publish (%s); intake paused for %.0f s, the file is kept",
+                  inbox.config.name, names.escape(claim.relative), exc, PAUSE_SECONDS)  # fmt: skip
+        self.pipeline.pause(reason)
+        if claim.outcome:
+            claim = inbox.claims.record_outcome(claim, "")
+        self.outcomes.release(inbox, claim)
