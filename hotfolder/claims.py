@@ -23,6 +23,7 @@ when it died is charged a crash; ``max_attempts`` crashes send it to errors/.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
 
+from hotfolder.names import escape
 from hotfolder.publish import fsync_dir, write_atomic
 
 logger = logging.getLogger(__name__)
@@ -67,6 +69,7 @@ class Claim:
     outcome: str = ""  # set just before the source leaves the work folder
     solo: bool = False  # was active when a process died: retried alone before anything else
     crashes: int = 0  # times the process died while it was alone in it
+    archived_as: str = ""  # where the original goes (under done/ or errors/), decided once
 
     @property
     def source(self) -> Path:
@@ -91,6 +94,9 @@ def _read_record(folder: Path) -> Claim | None:
         return None
     fields = (claim.size, claim.attempts, claim.crashes)
     if not all(isinstance(v, int) for v in fields) or not isinstance(claim.outcome, str):
+        return None
+    archived = PurePosixPath(claim.archived_as) if isinstance(claim.archived_as, str) else None
+    if archived is None or archived.is_absolute() or ".." in archived.parts:
         return None
     return claim
 
@@ -130,6 +136,7 @@ class ClaimStore:
         self.phases: dict[str, str] = {}  # job id -> last phase written, for unfinished jobs
         self.activity_lines = 0
         self.activity_lock = threading.Lock()
+        self.unmovable: set[str] = set()  # files the daemon may not move out of the inbox
 
     def open(self) -> None:
         self.mine.mkdir(parents=True, exist_ok=True)
@@ -193,8 +200,8 @@ class ClaimStore:
         source = self.root / relative
         try:
             size = source.lstat().st_size
-        except FileNotFoundError:
-            return None
+        except OSError:
+            return None  # gone, or out of reach (the watcher says why)
         job_id = uuid.uuid4().hex
         folder = self.mine / job_id
         folder.mkdir(parents=True)
@@ -202,10 +209,14 @@ class ClaimStore:
         self._save(claim)
         try:
             os.rename(source, claim.source)
-        except OSError:
+        except OSError as exc:
             # NFS may report a failed rename that did happen (a retransmitted request).
             if not os.path.lexists(claim.source):
                 shutil.rmtree(folder, ignore_errors=True)
+                if exc.errno != errno.ENOENT and relative not in self.unmovable:
+                    self.unmovable.add(relative)  # say so once, not at every scan
+                    logger.warning("%s/%s: cannot take it (%s); it stays in the inbox",
+                                   self.inbox, escape(relative), exc.strerror)  # fmt: skip
                 return None
         fsync_dir(folder)
         return claim
@@ -218,8 +229,9 @@ class ClaimStore:
             self._save(updated)
         return updated
 
-    def record_outcome(self, claim: Claim, outcome: str) -> Claim:
-        updated = replace(claim, outcome=outcome)
+    def record_outcome(self, claim: Claim, outcome: str, archived_as: str = "") -> Claim:
+        """How the job ends, and where its original goes, before the original moves."""
+        updated = replace(claim, outcome=outcome, archived_as=archived_as)
         self._save(updated)
         return updated
 

@@ -131,7 +131,8 @@ def parse(raw: Any, base: Path, source: Path | None = None) -> Config:
         _inbox(item, f"inboxes[{i}]", base) for i, item in enumerate(_list(top, "inboxes"))
     )
     _check_inboxes(inboxes)
-    journal = top.get("journal", str(Config.journal))
+    journal = _path(top.get("journal", str(Config.journal)), "journal", base)
+    _check_journal(journal, inboxes)
     return Config(
         model=_model(top.get("model", {}), base),
         batching=_batching(top.get("batching", {})),
@@ -139,7 +140,7 @@ def parse(raw: Any, base: Path, source: Path | None = None) -> Config:
         inboxes=inboxes,
         metrics=_metrics(top.get("metrics", {})),
         daemon=_daemon(top.get("daemon", {})),
-        journal=_path(journal, "journal", base),
+        journal=journal,
         source=source,
     )
 
@@ -349,11 +350,19 @@ def _check_inboxes(inboxes: tuple[InboxConfig, ...]) -> None:
             ("done", inbox.done),
             ("errors", inbox.errors),
         ):
-            if folder is not None and (folder == inbox.path or inbox.path in folder.parents):
-                raise ConfigError(
-                    f"inboxes[{inbox.name}].{label}: {folder} is inside the inbox {inbox.path}; "
-                    "outputs would be picked up as new input. Put it beside the inbox."
-                )
+            for other in inboxes:  # its own inbox, or another one: taken as new input
+                if folder is not None and _within(folder, other.path):
+                    raise ConfigError(
+                        f"inboxes[{inbox.name}].{label}: {folder} is inside the inbox "
+                        f"{other.path}; outputs would be picked up as new input. Put it beside "
+                        "the inbox."
+                    )
+                if folder is not None and _within(other.path, folder):
+                    raise ConfigError(
+                        f"inboxes[{other.name}].path: {other.path} is inside the {label} folder "
+                        f"{folder} of inbox {inbox.name}; its results would be taken as new "
+                        "input. Put the inbox beside it."
+                    )
     paths = [inbox.path for inbox in inboxes]
     for i, a in enumerate(paths):
         for b in paths[i + 1 :]:
@@ -361,6 +370,19 @@ def _check_inboxes(inboxes: tuple[InboxConfig, ...]) -> None:
                 raise ConfigError(
                     f"inboxes: {a} and {b} overlap; each folder may be watched by one inbox only"
                 )
+
+
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _check_journal(journal: Path, inboxes: tuple[InboxConfig, ...]) -> None:
+    for inbox in inboxes:
+        if _within(journal, inbox.path):
+            raise ConfigError(
+                f"journal: {journal} is inside the inbox {inbox.path}; the daemon would take "
+                "its own journal as a photo. Put it beside the inbox (e.g. /var/lib/hotfolder)."
+            )
 
 
 def _mapping(raw: Any, key: str) -> Mapping[str, Any]:

@@ -60,6 +60,8 @@ def read_file(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
             raise ImageError(Reason.NOT_A_FILE, "is a symbolic link, not a file") from exc
         if exc.errno in (errno.EACCES, errno.EPERM):
             raise ImageError(Reason.UNREADABLE, "cannot be read: permission denied") from exc
+        if exc.errno in (errno.ENXIO, errno.ENODEV, errno.EOPNOTSUPP):  # a socket, a device
+            raise ImageError(Reason.NOT_A_FILE, "is not a regular file") from exc
         raise
     try:
         info = os.fstat(fd)

@@ -138,6 +138,12 @@ class Journal:
         with self._locked() as db:
             self._assign(db, owner, names)
 
+    def unregister(self, owner: str, names: Sequence[str]) -> None:
+        """Give up ``owner``'s claim to ``names`` (it published nothing under them)."""
+        sql = "DELETE FROM output_names WHERE path = ? AND owner = ?"
+        with self._locked() as db:
+            db.executemany(sql, [(name, owner) for name in names])
+
     @staticmethod
     def _assign(db: sqlite3.Connection, owner: str, names: Sequence[str]) -> None:
         sql = "INSERT OR REPLACE INTO output_names (path, owner) VALUES (?, ?)"

@@ -50,6 +50,19 @@ def escape(name: str) -> str:
     return "".join(out)
 
 
+def printable(text: str) -> str:
+    """``text`` (a message that may quote names) made safe for one line of UTF-8: control
+    characters and undecodable bytes as ``\\xNN``. Unlike :func:`escape`, backslashes stay
+    as they are, so names already escaped inside the message read the same; use it for
+    messages, never to store a name."""
+    return "".join(
+        f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF
+        else f"\\x{ord(c):02x}" if ord(c) < 0x20 or ord(c) == 0x7F
+        else c
+        for c in text
+    )  # fmt: skip
+
+
 def unescape(text: str) -> str:
     """The name :func:`escape` was given (``surrogateescape`` form). Raises ValueError for text
     that :func:`escape` cannot have produced."""

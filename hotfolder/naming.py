@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import PurePosixPath
 from typing import Protocol
 
-from hotfolder import recipes
+from hotfolder import names, recipes
 
 MAX_SUFFIX = 999  # item-2 … item-999; past that the input is refused rather than searched on
 
@@ -83,7 +83,7 @@ def choose(
         paths = candidate(outputs, relative, number)
         if registry.reserve(owner, [key(p) for p in paths], taken):
             return paths
-    first = ", ".join(str(p) for p in candidate(outputs, relative, 1))
+    first = ", ".join(names.escape(str(p)) for p in candidate(outputs, relative, 1))
     if policy == Collision.ERROR:
         raise NameCollisionError(f"its output name is taken by another input ({first})")
     raise NameCollisionError(

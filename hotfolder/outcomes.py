@@ -59,6 +59,7 @@ class Outcomes:
         fields of the job."""
         cfg = inbox.config
         shown = names.escape(claim.relative)
+        message = names.printable(message)  # it may quote an exception's raw file name
         log.warning(
             "%s/%s: failed: %s (%s)", cfg.name, shown, message, reason.value,
             extra={"inbox": cfg.name, "path": shown, "outcome": "failed",
@@ -75,8 +76,9 @@ class Outcomes:
             "version": __version__,
             "job": claim.job_id,
         }
-        write_error_report(cfg, claim, report)
-        claim = inbox.claims.record_outcome(claim, "failed")
+        claim = decide(inbox, claim, "failed")
+        publish.write_error_report(cfg.errors, claim.archived_as, claim.job_id[:8], report,
+                                   cfg.permissions)  # fmt: skip
         file_original(cfg, claim)
         self.pipeline.metrics.failures.labels(cfg.name, reason.value).inc()
         record = {**(columns or {}), "reason": reason.value, "error": message,
@@ -121,6 +123,24 @@ class Outcomes:
         self.pipeline.count(-1)
 
 
+def decide(inbox: Inbox, claim: Claim, outcome: str) -> Claim:
+    """Record how the job ends and the name its original will have in done/ or errors/ (the
+    job's own, or job-tagged when taken; at the top of the folder when the job's subfolder
+    there is a link or a file), before anything moves: a daemon that dies now is followed by
+    one that finishes the same move."""
+    cfg = inbox.config
+    root = original_destination(cfg, outcome)
+    if root is None:
+        return inbox.claims.record_outcome(claim, outcome)
+    tag, report = claim.job_id[:8], outcome == "failed"
+    try:
+        name = publish.archive_name(root, claim.relative, tag, report, cfg.permissions)
+    except publish.RefusedPathError as exc:
+        log.error("%s; %s goes to the top of %s instead", exc, names.escape(claim.name), root)
+        name = publish.archive_name(root, claim.name, tag, report, cfg.permissions)
+    return inbox.claims.record_outcome(claim, outcome, name.as_posix())
+
+
 def file_original(cfg: config.InboxConfig, claim: Claim) -> None:
     """Move the original out of the work folder to where its recorded outcome sends it."""
     destination = original_destination(cfg, claim.outcome)
@@ -128,21 +148,13 @@ def file_original(cfg: config.InboxConfig, claim: Claim) -> None:
         os.unlink(claim.source)
         return
     tag = claim.job_id[:8]
+    target = claim.archived_as or claim.relative  # a job recorded before names were decided
     try:
-        publish.archive(claim.source, destination, claim.relative, tag, cfg.permissions)
-    except publish.UnsafePathError as exc:
-        # A link where its subfolder should be: the top of the folder, never the link.
+        publish.archive(claim.source, destination, target, tag, cfg.permissions)
+    except publish.RefusedPathError as exc:
+        # A link (or a file) where its subfolder should be: the top of the folder, never the link.
         log.error("%s; %s goes to %s instead", exc, names.escape(claim.name), destination)
         publish.archive(claim.source, destination, claim.name, tag, cfg.permissions)
-
-
-def write_error_report(cfg: config.InboxConfig, claim: Claim, report: dict[str, object]) -> None:
-    """The sidecar beside where :func:`file_original` will put the rejected file."""
-    tag = claim.job_id[:8]
-    try:
-        publish.write_error_report(cfg.errors, claim.relative, tag, report, cfg.permissions)
-    except publish.UnsafePathError:
-        publish.write_error_report(cfg.errors, claim.name, tag, report, cfg.permissions)
 
 
 def original_destination(cfg: config.InboxConfig, outcome: str) -> Path | None:

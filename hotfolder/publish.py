@@ -21,6 +21,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -30,6 +31,7 @@ from hotfolder import names
 
 DEFAULT_FILE_MODE = 0o644
 DEFAULT_DIR_MODE = 0o755
+MAX_EXT_BYTES = 32  # a longer "extension" (a name like "a." + 253 letters) is part of the stem
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
@@ -46,8 +48,17 @@ class Permissions:
 DEFAULT_PERMISSIONS = Permissions()
 
 
-class UnsafePathError(OSError):
-    """A folder below a root is a symbolic link, or not a folder: nothing is written there."""
+class RefusedPathError(OSError):
+    """A path below a root that nothing is written to; the file it was for goes to errors/."""
+
+
+class UnsafePathError(RefusedPathError):
+    """A folder below a root is a symbolic link: writing through it could land anywhere."""
+
+
+class NameTakenError(RefusedPathError):
+    """A file holds the name of a folder the outputs need, or a folder the name of a file
+    (``x.png`` the cutout of ``x.jpg``, and ``x.png/`` a folder of photos)."""
 
 
 def fsync_dir(folder: Path) -> None:
@@ -90,14 +101,13 @@ def _descend(fd: int, part: str, root: Path, folder: PurePosixPath, perms: Permi
     try:
         child = os.open(part, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
     except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            where = names.escape(str(root / folder))
-            raise UnsafePathError(
-                exc.errno,
-                f"{where}: {names.escape(part)} is a symbolic link or not a folder; "
-                "refusing to write through it",
-            ) from None
-        raise
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        where = f"{names.escape(str(root / folder))}: {names.escape(part)}"
+        if stat.S_ISLNK(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode):
+            message = f"{where} is a symbolic link; not writing through it"
+            raise UnsafePathError(exc.errno, message) from None
+        raise NameTakenError(exc.errno, f"{where} is a file, not a folder") from None
     if created:
         _apply(child, perms.dir_mode, perms.gid)
     return child
@@ -163,13 +173,16 @@ def archive(
     source: Path, root: Path, relative: str, tag: str, perms: Permissions = DEFAULT_PERMISSIONS
 ) -> PurePosixPath:
     """Move the file ``source`` to ``root/relative`` durably (a rename on one filesystem, copy +
-    fsync + unlink across two), never replacing a file already there: the newcomer then gets
-    ``<stem>.<tag><ext>``. Returns the path it got, relative to ``root``.
+    fsync + unlink across two), never replacing a file already there: if one has taken the
+    name since :func:`archive_name` chose it, the newcomer gets ``<stem>.<tag><ext>``. Returns
+    the path it got, relative to ``root``.
 
     Raises UnsafePathError for a symbolic link below ``root``, OSError for the rest."""
     target = PurePosixPath(relative)
     with open_folder(root, target.parent, perms) as folder:
-        name = free_name(folder, target.name, tag)
+        name = names.fit_name(target.name)
+        if exists_in(folder, name):
+            name = _tagged(name, tag)
         try:
             os.rename(source, name, dst_dir_fd=folder)
         except OSError as exc:
@@ -179,6 +192,27 @@ def archive(
             os.unlink(source)
         os.fsync(folder)
     return target.parent / name
+
+
+def archive_name(
+    root: Path,
+    relative: str,
+    tag: str,
+    with_report: bool,
+    perms: Permissions = DEFAULT_PERMISSIONS,
+) -> PurePosixPath:
+    """Where an original bound for ``root/relative`` will go (relative to ``root``): that name,
+    or ``<stem>.<tag><ext>`` when it is taken; with ``with_report``, the name of its
+    ``.error.json`` report must be free too, so a report never replaces an earlier file.
+
+    Raises UnsafePathError for a symbolic link below ``root``."""
+    target = PurePosixPath(relative)
+    with open_folder(root, target.parent, perms) as folder:
+        for name in (names.fit_name(target.name), _tagged(target.name, tag)):
+            report = error_report_name(name, tag)
+            if not exists_in(folder, name) and not (with_report and exists_in(folder, report)):
+                return target.parent / name
+    return target.parent / _tagged(target.name, secrets.token_hex(8))  # both taken: very rare
 
 
 def _copy_in(source: Path, folder_fd: int, name: str) -> None:
@@ -198,13 +232,11 @@ def _copy_in(source: Path, folder_fd: int, name: str) -> None:
         raise
 
 
-def free_name(folder_fd: int, name: str, tag: str) -> str:
-    """``name``, or ``<stem>.<tag><ext>`` (shortened to fit) when ``name`` is taken in the
-    folder: an archived original never replaces an earlier one of the same name."""
-    name = names.fit_name(name)
-    if not exists_in(folder_fd, name):
-        return name
+def _tagged(name: str, tag: str) -> str:
+    """``<stem>.<tag><ext>``, shortened to fit; an "extension" over 32 bytes is no extension."""
     stem, ext = os.path.splitext(name)
+    if names.byte_length(ext) > MAX_EXT_BYTES:
+        stem, ext = name, ""
     return names.fit(stem, f".{tag}{ext}")
 
 
@@ -231,6 +263,9 @@ def place_outputs(
             try:
                 os.replace(path, target.name, dst_dir_fd=folder)
             except OSError as exc:
+                if exc.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
+                    message = f"{names.escape(str(outbox / target))} is a folder"
+                    raise NameTakenError(exc.errno, message) from None
                 if exc.errno != errno.EXDEV:
                     raise
                 write_in(folder, target.name, data, perms)  # another filesystem
@@ -252,12 +287,11 @@ def write_error_report(
     tag: str,
     report: dict[str, object],
     perms: Permissions = DEFAULT_PERMISSIONS,
-) -> PurePosixPath:
-    """The sidecar of the file that :func:`archive` will place at ``root/relative`` with the
-    same ``tag``; returns the original's name that the sidecar describes (relative to root)."""
+) -> None:
+    """The ``.error.json`` report of the file that :func:`archive` puts at ``root/relative``
+    (a name from :func:`archive_name`)."""
     target = PurePosixPath(relative)
-    data = (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode()
+    text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
+    data = text.encode("utf-8", "backslashreplace")  # a stray raw name must not stop a report
     with open_folder(root, target.parent, perms) as folder:
-        name = free_name(folder, target.name, tag)
-        write_in(folder, error_report_name(name, tag), data, perms)
-    return target.parent / name
+        write_in(folder, error_report_name(target.name, tag), data, perms)

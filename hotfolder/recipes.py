@@ -28,6 +28,10 @@ DEFAULT_NAME = {
     Kind.COMPOSITE: "{stem}.jpg",
 }
 TEMPLATE_FIELDS = {"stem", "ext", "kind"}
+# {ext} in a template is cut to this: a file named "a." + 253 letters has no real extension, and
+# the name must still fit 255 bytes with the stem and a collision number.
+MAX_EXT_BYTES = 32
+MAX_TAG = "-999"  # the longest collision number (naming.MAX_SUFFIX)
 FAST_PNG = "fast"
 NAMED_COLOURS = {"white": (255, 255, 255), "black": (0, 0, 0), "grey": (128, 128, 128)}
 
@@ -66,7 +70,7 @@ class Output:
         is shortened on a character boundary so the name fits 255 bytes. Undecodable bytes of
         the input name (``surrogateescape``) are kept, so the output is named like its input."""
         stem = names.sanitize(stem)
-        ext = ext.lstrip(".")
+        ext = names.fit(names.sanitize(ext.lstrip(".")), "", MAX_EXT_BYTES)
         kind = self.kind.value
         overhead = names.byte_length(self.name.format(stem="", ext=ext, kind=kind) + tag)
         short = names.fit(stem, "", names.NAME_MAX - overhead)
@@ -140,12 +144,20 @@ def parse_output(raw: Any, key: str) -> Output:
 def _check_template(name: str, key: str) -> None:
     if not name:
         return
-    fields = {f for _, f, _, _ in string.Formatter().parse(name) if f is not None}
-    if "stem" not in fields or fields - TEMPLATE_FIELDS or "/" in name or "\\" in name:
+    try:
+        parts = list(string.Formatter().parse(name))
+    except ValueError as exc:
+        raise RecipeError(f"{key}.name: {name!r} is not a template: {exc}") from None
+    fields = {f for _, f, _, _ in parts if f is not None}
+    specs = any(spec or conversion for _, f, spec, conversion in parts if f is not None)
+    if "stem" not in fields or fields - TEMPLATE_FIELDS or "/" in name or "\\" in name or specs:
         raise RecipeError(
-            f"{key}.name: {name!r} must contain {{stem}}, may use {{ext}} and {{kind}}, "
-            "and may not contain a folder separator"
+            f"{key}.name: {name!r} must contain {{stem}}, may use {{ext}} and {{kind}} (plain, "
+            "without a format such as {stem:.3}), and may not contain a folder separator"
         )
+    longest = names.byte_length(name.format(stem="", ext="x" * MAX_EXT_BYTES, kind="composite"))
+    if longest + len(MAX_TAG) >= names.NAME_MAX - 16:
+        raise RecipeError(f"{key}.name: {name!r} leaves no room for the photo's name in 255 bytes")
 
 
 def check_unique_names(outputs: tuple[Output, ...], key: str) -> None:

@@ -31,6 +31,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
+from hotfolder import names
 from hotfolder.config import InboxConfig
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,7 @@ class InboxWatcher:
         self.next_scan = clock_start  # scan at the first step
         self.observer: BaseObserver | None = None
         self.root_inode = 0
+        self.warned: set[tuple[Path, str]] = set()
 
     def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -227,7 +229,10 @@ class InboxWatcher:
             folder = stack.pop()
             try:
                 entries = list(os.scandir(folder))
-            except (FileNotFoundError, NotADirectoryError, PermissionError):
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as exc:  # no permission, a path past PATH_MAX: skip it, serve on
+                self._warn_once(folder, f"cannot list this folder ({exc.strerror})")
                 continue
             for entry in entries:
                 if is_ignored(entry.name):
@@ -273,12 +278,20 @@ class InboxWatcher:
                 ready.append(Ready(key, seen.detected_at))
         return ready
 
-    @staticmethod
-    def _lstat(path: str) -> os.stat_result | None:
+    def _lstat(self, path: str) -> os.stat_result | None:
         try:
             return os.lstat(path)
         except (FileNotFoundError, NotADirectoryError):
             return None
+        except OSError as exc:  # a folder without search permission, a path too long
+            self._warn_once(Path(path), f"cannot look at this file ({exc.strerror})")
+            return None
+
+    def _warn_once(self, path: Path, problem: str) -> None:
+        """One log line per path and problem, not one per scan."""
+        if (path, problem) not in self.warned:
+            self.warned.add((path, problem))
+            log.warning("inbox %s: %s: %s", self.config.name, names.escape(str(path)), problem)
 
     def done(self, relative: str) -> None:
         """The service tried to claim a ready file: a new file of that name counts as new."""

@@ -103,6 +103,14 @@ def test_inbox_outputs_and_names(tmp_path: Path) -> None:
         ({"outputs": [{"kind": "mask", "name": "mask.png"}]}, "must contain {stem}"),
         ({"outputs": [{"kind": "mask", "compression": 10}]}, "fast or a level 0–9, got 10"),
         ({"outputs": [{"kind": "mask", "compression": "best"}]}, "fast or a level 0–9, got 'best'"),
+        ({"outputs": [{"kind": "mask", "name": "{stem:.3}.png"}]}, "without a format"),
+        ({"outputs": [{"kind": "mask", "name": "{stem!r}.png"}]}, "without a format"),
+        ({"outputs": [{"kind": "mask", "name": "{stem"}]}, "is not a template"),
+        ({"outputs": [{"kind": "mask", "name": "{stem}" + "x" * 240}]}, "leaves no room"),
+        ({"collisions": "overwrite"}, "collisions: 'overwrite' is not one of suffix"),
+        ({"file_mode": 644}, r"file_mode: expected an octal mode in quotes such as \"0644\""),
+        ({"dir_mode": "0999"}, "dir_mode: expected an octal mode"),
+        ({"group": "no-such-group-here"}, "no group named"),
         ({"originals": "shred"}, "originals: 'shred' is not one of move, delete"),
         ({"name": "my inbox"}, "must be letters, digits"),
     ],
@@ -121,6 +129,20 @@ def test_two_inboxes_on_one_folder_are_refused(tmp_path: Path) -> None:
     two = base_inbox(tmp_path) | {"name": "second", "path": str(tmp_path / "inbox" / "sub")}
     with pytest.raises(config.ConfigError, match="overlap"):
         parse(tmp_path, yaml.safe_dump({"inboxes": [one, two]}))
+
+
+def test_layouts_that_would_eat_their_own_files_are_refused(tmp_path: Path) -> None:
+    inbox = base_inbox(tmp_path)
+    journal = f"{inbox['path']}/journal.sqlite3"
+    with pytest.raises(config.ConfigError, match=r"journal: .* is inside the inbox"):
+        parse(tmp_path, yaml.safe_dump({"inboxes": [inbox], "journal": journal}))
+    inside_outbox = base_inbox(tmp_path) | {"path": f"{inbox['outbox']}/in"}
+    with pytest.raises(config.ConfigError, match=r"path: .* is inside the outbox folder"):
+        parse(tmp_path, yaml.safe_dump({"inboxes": [inside_outbox]}))
+    second = base_inbox(tmp_path) | {"name": "second", "path": str(tmp_path / "second"),
+                                     "errors": f"{inbox['path']}/errors"}  # fmt: skip
+    with pytest.raises(config.ConfigError, match=r"second\].errors: .* is inside the inbox"):
+        parse(tmp_path, yaml.safe_dump({"inboxes": [inbox, second]}))
 
 
 def test_originals_deleted_need_no_done_folder(tmp_path: Path) -> None:

@@ -5,9 +5,11 @@ the daemon never exits. Every file is generated here; nothing is a binary fixtur
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import socket
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -300,16 +302,25 @@ def test_outputs_never_escape_the_roots_through_symbolic_links(
     try:
         wait_for(lambda: finished(site, 4), 90, "every file")
         assert daemon.poll() is None
+        # The refused file registered no name for good: once the link is gone, another input
+        # gets that plain name.
+        (site.outbox / "evil").unlink()
+        corpus.write(site.inbox, "evil/photo.png", image)
+        wait_for(lambda: finished(site, 5), 90, "a file after the link is gone")
+        assert (site.outbox / "evil/photo.png").is_file()
     finally:
         assert stop(daemon) == 0
     assert list(elsewhere.iterdir()) == []
     reasons = {r["path"]: r["reason"] for r in site.rows()}
-    assert reasons == {"evil/photo.jpg": "unsafe_path", "sly/photo.jpg": "unsafe_path",
-                       "bad/notes.jpg": "unsupported_format", "fine.jpg": None}  # fmt: skip
-    # errors/bad is a link: that file and its reason go to the top of errors/ instead.
+    assert reasons == {"evil/photo.jpg": "unsafe_path", "sly/photo.jpg": None,
+                       "bad/notes.jpg": "unsupported_format", "fine.jpg": None,
+                       "evil/photo.png": None}  # fmt: skip
+    # errors/bad and done/sly are links: what was bound for them goes to the top instead.
     assert (site.errors / "notes.jpg").is_file()
     assert (site.errors / "notes.jpg.error.json").is_file()
     assert (site.errors / "evil/photo.jpg").is_file()
+    assert (site.done / "photo.jpg").is_file()
+    assert (site.outbox / "sly/photo.png").is_file()
     assert "symbolic link" in log.read_text()
 
 
@@ -392,3 +403,99 @@ def test_recovery_finishes_or_files_every_leftover_job_and_serves_on(
     assert not (site.root.parent / "escape.jpg").exists()
     assert not (site.root / "escape.jpg").exists()
     shutil.rmtree(site.inbox / ".hotfolder", ignore_errors=True)
+
+
+def deep_folder(root: Path, levels: int) -> Path:
+    """A folder ``levels`` deep, each name 250 bytes: its path is longer than PATH_MAX (4096),
+    so only descriptor-relative calls can reach it. Returns its path (unusable as a string)."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    path = root
+    for level in range(levels):
+        name = f"d{level:02d}" + "x" * 247
+        os.mkdir(name, dir_fd=fd)
+        child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd, path = child, path / name
+    descriptor = os.open("photo.jpg", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+    os.write(descriptor, b"not reachable by path anyway")
+    os.close(descriptor)
+    os.close(fd)
+    return path
+
+
+def test_odd_layouts_and_names_found_by_attack_end_right(
+    site: Site, photos: dict[str, np.ndarray]
+) -> None:
+    """Cases a tester found by attacking the daemon: each used to stop it (some at every
+    start), lose a file, or misfile one."""
+    site.write_config(settle_ms=100)
+    config = yaml.safe_load(site.config.read_text())
+    config["inboxes"][0]["outputs"] = [{"kind": "cutout", "name": "{stem}{ext}.png"},
+                                       {"kind": "mask"}]  # fmt: skip
+    site.config.write_text(yaml.safe_dump(config))
+    photo, bad = photo_jpegs(photos, 1)[0], b"not a photo\n"
+    long_ext = os.fsdecode(b"a." + b"k" * 253)  # 255 bytes, "extension" of 253
+    log = site.root / "log"
+    site.inbox.mkdir(parents=True)
+    deep_folder(site.inbox, 17)  # a path past PATH_MAX: scans must step over it
+    locked = site.inbox / "locked"
+    locked.mkdir()
+    (locked / "inside.jpg").write_bytes(photo)
+    locked.chmod(0o444)  # listable, not searchable
+    daemon = start(site.config, log=log, prefix=without_root_powers())
+    sock = socket.socket(socket.AF_UNIX)
+
+    def bind_socket() -> None:
+        sock.bind(str(site.inbox / "sock.jpg"))
+
+    def folder_at_output() -> None:
+        (site.outbox / "x.mask.png").unlink()
+        (site.outbox / "x.mask.png").mkdir()
+
+    steps: list[tuple[str, bytes, str, Callable[[], None]]] = [
+        (long_ext, photo, PUBLISHED, lambda: None),
+        (long_ext, photo, PUBLISHED, lambda: None),  # again: its archive name gets a job tag
+        ("a.jpg.error.json", bad, "unsupported_format", lambda: None),
+        ("a.jpg", bad, "unsupported_format", lambda: None),  # must not replace the one above
+        ("c.kkk", bad, "unsupported_format", lambda: None),
+        ("c.kkk", bad, "unsupported_format", lambda: None),
+        ("sock.jpg", b"", "not_a_file", bind_socket),
+        ("x.jpg", photo, PUBLISHED, lambda: None),  # outputs xjpg.png and x.mask.png
+        ("x.jpg", photo, "name_collision", folder_at_output),  # its own name, now a folder
+        ("xjpg.png/z.jpg", photo, "name_collision", lambda: None),  # a file where a folder goes
+    ]
+    try:
+        wait_serving(log)
+        for index, (name, data, expect, before) in enumerate(steps):
+            before()
+            if data:
+                corpus.write(site.inbox, name, data)
+            after = f"good-{index:02d}.jpg"
+            corpus.write(site.inbox, after, photo)
+            shown = names.escape(name)
+            count = sum(1 for step in steps[: index + 1] if step[0] == name)
+
+            def ended(shown: str = shown, after: str = after, count: int = count) -> bool:
+                seen = outcomes(site)
+                return len(seen.get(shown, [])) == count and after in seen
+
+            wait_for(ended, 60, f"{shown} and the good file after it")
+            assert daemon.poll() is None, f"the daemon exited after {shown}"
+            assert outcomes(site)[shown][-1] == expect, shown
+        sock.close()
+    finally:
+        assert stop(daemon) == 0
+        locked.chmod(0o755)
+    errors = site.files(site.errors)
+    assert "a.jpg.error.json" in errors  # the first upload, a file of that very name
+    reports = []
+    for file in errors:
+        with contextlib.suppress(ValueError):  # the first upload is "not a photo", not JSON
+            reports.append(json.loads((site.errors / file).read_text()))
+    assert sorted(r["file"] for r in reports) == sorted(
+        ["a.jpg.error.json", "a.jpg", "c.kkk", "c.kkk", "sock.jpg", "x.jpg", "xjpg.png/z.jpg"]
+    )
+    done = [os.fsencode(f) for f in site.files(site.done)]
+    assert sum(1 for f in done if f.startswith(b"a.kkk")) == 2
+    assert all(len(f) <= 255 for f in done)
+    assert "locked" in log.read_text()  # said once, and served on

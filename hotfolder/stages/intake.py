@@ -119,17 +119,20 @@ class Intake:
         """A left-over job that cannot be resumed: its file goes to errors/ with the reason.
         If even that fails (errors/ unwritable), the job stays where it is for the next start,
         and the daemon serves on."""
-        log.exception("%s/%s: cannot resume this job", inbox.config.name,
-                      names.escape(claim.relative))  # fmt: skip
+        shown = names.escape(claim.relative)
+        log.exception("%s/%s: cannot resume this job", inbox.config.name, shown)
         try:
             if claim.outcome and not os.path.lexists(claim.source):
                 self.outcomes.close_archived(inbox, claim)  # only the record was left
-            else:
+                return
+            if claim.outcome != "success":  # a published job is never filed as failed
                 message = f"could not be resumed: {error}"
                 self.outcomes.reject(inbox, claim, Reason.RECOVERY, message)
+                return
         except Exception:
-            log.exception("%s/%s: left in %s for the next start", inbox.config.name,
-                          names.escape(claim.relative), claim.folder)  # fmt: skip
+            log.exception("%s/%s: cannot file it in errors/ either", inbox.config.name, shown)
+        log.error("%s/%s: left in %s for the next start", inbox.config.name, shown, claim.folder)
+        self.pipeline.count(-1)  # not in flight: --once and the gauges must not wait for it
 
     # ----- gauges, heartbeats ------------------------------------------------------------
 

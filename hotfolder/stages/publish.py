@@ -15,7 +15,7 @@ from hotfolder.claims import ENCODE, Claim
 from hotfolder.collect import Stop
 from hotfolder.inboxes import Inbox
 from hotfolder.jobs import ImageError, Reason
-from hotfolder.outcomes import Outcomes, file_original
+from hotfolder.outcomes import Outcomes, decide, file_original
 from hotfolder.pipeline import PAUSE_REASONS, PAUSE_SECONDS, QUEUE_POLL, Inferred, Pipeline
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ class Publish:
             return
         encoded = time.monotonic()
         self.pipeline.metrics.stage.labels("encode").observe(encoded - started)
+        files: list[tuple[PurePosixPath, bytes]] = []
         try:
             files = list(zip(self.output_names(inbox, claim), rendered, strict=True))
             claim = self.archive(inbox, claim, files)
@@ -64,12 +65,19 @@ class Publish:
             self.outcomes.reject(inbox, claim, Reason.NAME_COLLISION, str(exc), inference)
             return
         except publish.UnsafePathError as exc:
+            self.release_names(inbox, claim, files)
             message = f"not published: {exc}"
             self.outcomes.reject(inbox, claim, Reason.UNSAFE_PATH, message, inference)
+            return
+        except publish.NameTakenError as exc:
+            self.release_names(inbox, claim, files)
+            message = f"not published: {exc}"
+            self.outcomes.reject(inbox, claim, Reason.NAME_COLLISION, message, inference)
             return
         except OSError as exc:
             if exc.errno not in PAUSE_REASONS:
                 raise
+            self.release_names(inbox, claim, files)
             self.pause(inbox, claim, exc)
             return
         published = time.monotonic()
@@ -99,16 +107,22 @@ class Publish:
         return naming.choose(cfg.outputs, claim.relative, cfg.collisions, owner, journal, key,
                              taken)  # fmt: skip
 
+    def release_names(
+        self, inbox: Inbox, claim: Claim, files: list[tuple[PurePosixPath, bytes]]
+    ) -> None:
+        """Not published after all: the output names this job registered and no file holds go
+        back to whoever comes next."""
+        cfg = inbox.config
+        owner = f"{cfg.name}:{names.escape(claim.relative)}"
+        unused = [cfg.outbox / path for path, _ in files if not os.path.lexists(cfg.outbox / path)]
+        self.pipeline.journal.unregister(owner, [names.escape(str(p)) for p in unused])
+
     @staticmethod
     def archive(inbox: Inbox, claim: Claim, files: list[tuple[PurePosixPath, bytes]]) -> Claim:
         """Outputs into the outbox, then (only then) the original out of the work folder."""
         cfg = inbox.config
-        if cfg.done is not None:  # refuse a linked done/ folder before anything is published
-            with publish.open_folder(cfg.done, PurePosixPath(claim.relative).parent,
-                                     cfg.permissions):  # fmt: skip
-                pass
         publish.place_outputs(files, cfg.outbox, claim.folder / "outputs", cfg.permissions)
-        claim = inbox.claims.record_outcome(claim, "success")
+        claim = decide(inbox, claim, "success")
         file_original(cfg, claim)
         return claim
 
