@@ -41,28 +41,50 @@ ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "weights" / "u2netp.safetensors"
 
 
-def make_photos(folder: Path, count: int, megapixels: float) -> list[Path]:
-    """``count`` JPEGs (q92) of about ``megapixels`` MP, 4:3, cut from real photos: eight
-    different ones (four photos, mirrored or not), the rest hard links to them, so that long
-    runs cost no time to prepare."""
+def make_photos(folder: Path, count: int, megapixels: float, varied: bool = False) -> list[Path]:
+    """``count`` JPEGs (q92) cut from real photos (four, mirrored or not). Of one size, about
+    ``megapixels`` MP at 4:3: eight different ones, the rest hard links to them, so that long runs
+    cost no time to prepare. ``varied``: each a different size (see ``varied_sizes``)."""
     from skimage import data
 
     sources = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
     width = int((megapixels * 1e6 * 4 / 3) ** 0.5)
-    height = width * 3 // 4
+    sizes = varied_sizes(count, megapixels) if varied else [(width, width * 3 // 4)] * count
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i in range(count):
+    for i, size in enumerate(sizes):
         path = folder / f"photo-{i:05d}.jpg"
-        if i >= 2 * len(sources):
+        if i >= 2 * len(sources) and not varied:
             os.link(paths[i % (2 * len(sources))], path)
         else:
             photo = Image.fromarray(sources[i % len(sources)])
-            if i >= len(sources):
+            if i % (2 * len(sources)) >= len(sources):
                 photo = photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            photo.resize((width, height), Image.Resampling.BICUBIC).save(path, quality=92)
+            photo.resize(size, Image.Resampling.BICUBIC).save(path, quality=92)
         paths.append(path)
     return paths
+
+
+def varied_sizes(count: int, megapixels: float) -> list[tuple[int, int]]:
+    """``count`` (width, height) pairs, no side length used twice (widths and heights alike):
+    areas from a third of ``megapixels`` to twice it, aspect ratios from 1:2 to 2:1. Both are
+    spread by golden-ratio steps rather than sorted, so every stretch of the run sees small and
+    large photos alike and memory growth is not mistaken for larger photos coming later."""
+    sides: set[int] = set()
+
+    def unused(side: int) -> int:
+        while side in sides:
+            side += 1
+        sides.add(side)
+        return side
+
+    sizes = []
+    for i in range(count):
+        area = megapixels * 1e6 * (1 / 3 + 5 / 3 * ((i * 0.6180339887) % 1))
+        aspect = 2 ** (2 * ((i * 0.4142135624) % 1) - 1)
+        width = unused(round((area * aspect) ** 0.5))
+        sizes.append((width, unused(round(area / width))))
+    return sizes
 
 
 def model_only(
@@ -285,6 +307,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-results.json"))
     parser.add_argument("--images", type=int, default=16, help="photos per size (default 16)")
     parser.add_argument("--megapixels", type=float, nargs="+", default=[1.0])
+    parser.add_argument("--varied-sizes", action="store_true",
+                        help="each photo a different size: 1/3 to 2x --megapixels")  # fmt: skip
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch", type=int, default=0, help="0: 64 on a GPU, 16 on the CPU")
     parser.add_argument("--model-seconds", type=float, default=3.0)
@@ -304,20 +328,21 @@ def main() -> None:
     results["end_to_end"] = {}
     with tempfile.TemporaryDirectory(prefix="hotfolder-bench-") as tmp:
         for mp in args.megapixels:
-            photos = make_photos(Path(tmp) / f"photos-{mp}", args.images, mp)
-            print(f"{mp} MP × {len(photos)}: hotfolder run --once", flush=True)
+            photos = make_photos(Path(tmp) / f"photos-{mp}", args.images, mp, args.varied_sizes)
+            size = f"{mp}MP varied" if args.varied_sizes else f"{mp}MP"
+            print(f"{size} × {len(photos)}: hotfolder run --once", flush=True)
             work = Path(tmp) / f"hotfolder-{mp}"
             ours = end_to_end(photos, work, args.device, batch, args.workers)
             idle = idle_daemon(photos[0], Path(tmp) / f"idle-{mp}", args.device, batch)
             entry = {"hotfolder": ours, "idle_daemon": idle}
             if not args.skip_rembg:
-                print(f"{mp} MP × {len(photos)}: rembg, one file after another", flush=True)
+                print(f"{size} × {len(photos)}: rembg, one file after another", flush=True)
                 subset = photos[: args.rembg_images or len(photos)]
                 theirs = rembg_like_p(subset, Path(tmp) / f"rembg-{mp}")
                 entry["rembg"] = theirs
                 entry["ratio_wall"] = round(ours["img_per_s_wall"] / theirs["img_per_s_wall"], 2)
                 entry["ratio_steady"] = round(ours["img_per_s_steady"] / theirs["img_per_s"], 2)
-            results["end_to_end"][f"{mp}MP"] = entry
+            results["end_to_end"][size] = entry
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
 
