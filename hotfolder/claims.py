@@ -46,6 +46,7 @@ class Claim:
     claimed_at: float
     attempts: int = 0
     outcome: str = ""  # set just before the source leaves the work folder
+    mtime_ns: int = 0  # the file's mtime when claimed (0: not recorded), to see it change
 
     @property
     def source(self) -> Path:
@@ -114,13 +115,14 @@ class ClaimStore:
         """Take ``relative`` out of the inbox; None when it vanished or another daemon won."""
         source = self.root / relative
         try:
-            size = source.lstat().st_size
+            info = source.lstat()
         except FileNotFoundError:
             return None
         job_id = uuid.uuid4().hex
         folder = self.mine / job_id
         folder.mkdir(parents=True)
-        claim = Claim(job_id, self.inbox, relative, folder, size, detected_at, time.time())
+        claim = Claim(job_id, self.inbox, relative, folder, info.st_size, detected_at,
+                      time.time(), mtime_ns=info.st_mtime_ns)  # fmt: skip
         self._save(claim)
         try:
             os.rename(source, claim.source)
