@@ -387,7 +387,7 @@ class Service:
     def _idle(self) -> bool:
         with self.in_flight_lock:
             busy = self.in_flight
-        pending = any(inbox.watcher.pending for inbox in self.inboxes.active)
+        pending = any(inbox.watcher.waiting() for inbox in self.inboxes.active)
         waiting = self.ready or self.recovered
         return self.scanned_once and not busy and not pending and not waiting
 
@@ -437,9 +437,14 @@ class Service:
         started = time.monotonic()
         try:
             data = imaging.read_file(claim.source, self.config.limits.max_bytes)
+            if (unfinished := imaging.looks_incomplete(data)) is not None:
+                raise unfinished
             picture = imaging.decode(data, self.config.limits.max_pixels)
         except ImageError as exc:
-            self._reject(inbox, claim, exc.reason, exc.message)
+            if not self._still_arriving(inbox, claim, exc):
+                self._reject(inbox, claim, exc.reason, exc.message)
+            return True
+        if self._still_arriving(inbox, claim):
             return True
         decoded_at = time.monotonic()
         digest = hashlib.sha256(data).hexdigest()
@@ -451,6 +456,27 @@ class Service:
                 return True
             except queue.Full:
                 continue
+        self._release(inbox, claim)
+        return True
+
+    def _still_arriving(self, inbox: Inbox, claim: Claim, error: ImageError | None = None) -> bool:
+        """A writer may still be filling the claimed file: it changed since the claim, or it
+        looks cut short (``error`` says empty or corrupt) and has not yet been unchanged for
+        the inbox's ``incomplete_grace_ms``. Then it goes back to the inbox to wait (True)."""
+        try:
+            info = os.lstat(claim.source)
+        except OSError:
+            return False
+        state = (info.st_size, info.st_mtime_ns)
+        changed = claim.mtime_ns != 0 and state != (claim.size, claim.mtime_ns)
+        cut_short = error is not None and error.reason in (Reason.EMPTY, Reason.CORRUPT)
+        if not changed and not (
+            cut_short and inbox.watcher.still_arriving(claim.relative, *state, time.monotonic())
+        ):
+            return False
+        why = "it changed since it was taken" if changed else f"it {error and error.message}"
+        log.info("%s/%s: put back to wait for its writer: %s", inbox.config.name,
+                 claim.relative, why)  # fmt: skip
         self._release(inbox, claim)
         return True
 
