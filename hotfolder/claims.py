@@ -70,6 +70,7 @@ class Claim:
     solo: bool = False  # was active when a process died: retried alone before anything else
     crashes: int = 0  # times the process died while it was alone in it
     archived_as: str = ""  # where the original goes (under done/ or errors/), decided once
+    mtime_ns: int = 0  # the file's mtime when claimed (0: not recorded), to see it change
 
     @property
     def source(self) -> Path:
@@ -199,13 +200,14 @@ class ClaimStore:
         """Take ``relative`` out of the inbox; None when it vanished or another daemon won."""
         source = self.root / relative
         try:
-            size = source.lstat().st_size
+            info = source.lstat()
         except OSError:
             return None  # gone, or out of reach (the watcher says why)
         job_id = uuid.uuid4().hex
         folder = self.mine / job_id
         folder.mkdir(parents=True)
-        claim = Claim(job_id, self.inbox, relative, folder, size, detected_at, time.time())
+        claim = Claim(job_id, self.inbox, relative, folder, info.st_size, detected_at,
+                      time.time(), mtime_ns=info.st_mtime_ns)  # fmt: skip
         self._save(claim)
         try:
             os.rename(source, claim.source)

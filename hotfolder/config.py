@@ -65,6 +65,9 @@ class InboxConfig:
     recursive: bool = True
     settle_ms: int = 1000
     polling: bool = False
+    # How long a file that may still be arriving (open in a process, or looking cut short) is
+    # waited for while unchanged, before it is taken as it is (and refused if cut short).
+    incomplete_grace_ms: int = 60_000
     outputs: tuple[recipes.Output, ...] = (recipes.Output(kind=recipes.Kind.CUTOUT),)
     # Two different inputs whose outputs would share a name (item.jpg and item.png).
     collisions: naming.Collision = naming.Collision.SUFFIX
@@ -269,7 +272,7 @@ def _inbox(raw: Any, key: str, base: Path) -> InboxConfig:
     section = _mapping(raw, key)
     known = {"name", "path", "outbox", "done", "errors", "originals", "recursive"}
     known |= {"settle_ms", "polling", "outputs", "collisions", "file_mode", "dir_mode", "group"}
-    _known(section, key, known)
+    _known(section, key, known | {"incomplete_grace_ms"})
     for required in ("name", "path", "outbox", "errors"):
         if required not in section:
             raise ConfigError(f"{key}.{required}: missing; every inbox needs one")
@@ -299,6 +302,9 @@ def _inbox(raw: Any, key: str, base: Path) -> InboxConfig:
         recursive=_get(section, f"{key}.recursive", bool, True),
         settle_ms=_non_negative(section, f"{key}.settle_ms", 1000),
         polling=_get(section, f"{key}.polling", bool, False),
+        incomplete_grace_ms=_non_negative(
+            section, f"{key}.incomplete_grace_ms", InboxConfig.incomplete_grace_ms
+        ),
         outputs=outputs or InboxConfig.outputs,
         collisions=_collisions(section, f"{key}.collisions"),
         permissions=_permissions(section, key),

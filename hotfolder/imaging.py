@@ -79,6 +79,129 @@ def read_file(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
         os.close(fd)
 
 
+# Signatures of the formats whose end can be found.
+JPEG_SOI = b"\xff\xd8"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# JPEG markers without a length field: TEM and RST0–RST7.
+JPEG_STANDALONE = {0x01, *range(0xD0, 0xD8)}
+# Zero bytes at the end of compressed image data that mean "not written yet", not chance.
+ZERO_RUN = 64
+
+
+def looks_incomplete(data: bytes) -> ImageError | None:
+    """Whether these bytes look like the start of a file that is still being written, and
+    the error the file deserves if it never changes again; None when they look whole.
+
+    Decoders do not always notice: a copy that set its final size first (Windows Explorer
+    over SMB) and stopped part-way ends in a run of zero bytes, and a JPEG ending so decodes
+    without error, its missing rows a flat fill. So the end of the data is checked by format:
+    JPEG must reach its end marker (EOI) after its first scan, PNG its IEND chunk, WebP the
+    length its RIFF header declares; what follows the end (zero padding, the video of a
+    motion photo) does not matter. A file of zero bytes only has had nothing written yet.
+    Other formats have no end to find; their decoders report what is missing."""
+    if not data:
+        return ImageError(Reason.EMPTY, "is empty (0 bytes)")
+    if data[0] == 0 and data.count(0) == len(data):
+        return ImageError(Reason.EMPTY, f"holds only zero bytes ({len(data)})")
+    if data.startswith(JPEG_SOI) or data == JPEG_SOI[:1]:
+        missing = _jpeg_missing(data)
+    elif data.startswith(PNG_SIGNATURE) or PNG_SIGNATURE.startswith(data):
+        missing = _png_missing(data)
+    elif data.startswith(b"RIFF") or b"RIFF".startswith(data):
+        missing = _webp_missing(data)
+    else:
+        return None
+    if missing is None:
+        return None
+    zeros = len(data) - len(data.rstrip(b"\0"))
+    if zeros >= ZERO_RUN:
+        missing += f" (its last {zeros} bytes are zeros: a copy that stopped part-way?)"
+    return ImageError(Reason.CORRUPT, f"is truncated: {missing}")
+
+
+def _jpeg_missing(data: bytes) -> str | None:
+    """What the JPEG lacks: segments are walked by their lengths up to the first scan (an
+    EXIF thumbnail's own end marker is inside a segment), then the end marker is looked for.
+    In entropy-coded data 0xFF is always followed by 0x00 or a marker, so FF D9 there is EOI."""
+    end = len(data)
+    if end < 3:
+        return "the JPEG data stops inside its signature"
+    at = 2
+    while True:
+        marker_at = at
+        while at < end and data[at] == 0xFF:  # a marker, after any fill bytes
+            at += 1
+        if at >= end:
+            return "the JPEG data stops between two segments, before its end marker (EOI)"
+        marker = data[at]
+        if at == marker_at or marker == 0x00:
+            # Not a marker where one belongs: zeros not yet written, or junk a decoder may
+            # skip. Only an end marker somewhere after it makes the file whole.
+            return _jpeg_end_after(data, at, "the JPEG data has no end marker (EOI)")
+        at += 1
+        if marker == 0xD9:
+            return None
+        if marker in JPEG_STANDALONE:
+            continue
+        length = int.from_bytes(data[at : at + 2], "big")
+        if at + 2 > end or at + length > end:
+            return f"the JPEG data stops inside a segment (marker FF{marker:02X})"
+        if length < 2:
+            return _jpeg_end_after(data, at, "the JPEG data has no end marker (EOI)")
+        at += length
+        if marker == 0xDA:  # start of scan: the image data
+            return _jpeg_end_after(
+                data, at, "the JPEG image data stops before its end marker (EOI)"
+            )
+
+
+def _jpeg_end_after(data: bytes, at: int, missing: str) -> str | None:
+    return None if data.find(b"\xff\xd9", at) >= 0 else missing
+
+
+def _png_missing(data: bytes) -> str | None:
+    """What the PNG lacks: chunks are walked by their lengths up to IEND."""
+    end = len(data)
+    if end < len(PNG_SIGNATURE):
+        return "the PNG data stops inside its signature"
+    at = len(PNG_SIGNATURE)
+    while True:
+        if at + 8 > end:
+            return "the PNG data stops before its IEND chunk"
+        kind = data[at + 4 : at + 8]
+        if not kind.isalpha():  # chunk types are four ASCII letters
+            return "the PNG data stops before its IEND chunk (no chunk where one belongs)"
+        at += 12 + int.from_bytes(data[at : at + 4], "big")
+        if at > end:
+            return f"the PNG data stops inside its {kind.decode()} chunk"
+        if kind == b"IEND":
+            return None
+
+
+def _webp_missing(data: bytes) -> str | None:
+    """What a WebP lacks: the length its RIFF header declares, chunks where they belong, and
+    image data that does not end in a run of zeros (entropy-coded data never does)."""
+    end = len(data)
+    if end < 12:
+        return "the RIFF data stops inside its header"
+    if data[8:12] != b"WEBP":
+        return None  # not ours to judge: the decoder refuses it
+    declared = 8 + int.from_bytes(data[4:8], "little")
+    if declared > end:
+        return f"the WebP data is {end} of the {declared} bytes its header declares"
+    zeros_from = len(data.rstrip(b"\0"))
+    at = 12
+    while at + 8 <= declared:
+        kind = data[at : at + 4]
+        if kind == b"\0\0\0\0":
+            return "the WebP data stops before its last chunk (zeros where a chunk belongs)"
+        payload_end = at + 8 + int.from_bytes(data[at + 4 : at + 8], "little")
+        if kind in (b"VP8 ", b"VP8L", b"ALPH") and payload_end - zeros_from >= ZERO_RUN:
+            return f"the WebP image data ({kind.decode().strip()}) stops part-way"
+        at = payload_end + (payload_end & 1)  # chunks are padded to an even length
+    return None
+
+
 def _open(data: bytes) -> Image.Image:
     if not data:
         raise ImageError(Reason.EMPTY, "is empty (0 bytes)")

@@ -17,7 +17,7 @@ from hotfolder.watch import InboxWatcher
 
 log = logging.getLogger(__name__)
 
-WATCH_SETTINGS = ("path", "polling", "recursive", "settle_ms")
+WATCH_SETTINGS = ("path", "polling", "recursive", "settle_ms", "incomplete_grace_ms")
 
 
 class Inbox:

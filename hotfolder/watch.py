@@ -6,6 +6,18 @@ network share. So every inbox is also scanned at start and periodically. Events 
 known sooner; it is ready once its size *and* mtime have not changed for ``settle_ms`` (Windows
 Explorer sets the final size at the start of an SMB copy, so size alone lies).
 
+A writer may also pause for longer than ``settle_ms``. Two more signals cover that:
+
+- inotify reports opens and closes (not who opened, nor whether for writing). A file opened more
+  often than closed since it was noticed is held: taken once closed and settled, or, should a
+  close never be seen (a reader that keeps it open, events lost), once it has been unchanged for
+  the inbox's ``incomplete_grace_ms``. A writer that opened the file before the daemon started,
+  or one on another machine (polling), is not seen this way.
+- The service checks what it claimed (imaging.looks_incomplete). A file that looks cut short and
+  has not changed since the claim is put back and held here, unchanged, for
+  ``incomplete_grace_ms`` before it is handed out once more (to be refused then); any change
+  makes it an ordinary file again.
+
 Watchdog callbacks run on its one dispatcher thread and only enqueue; all work is in ``step()``.
 """
 
@@ -16,6 +28,7 @@ import logging
 import os
 import queue
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -54,7 +67,12 @@ IGNORED_NAMES = (
     "thumbs.db",
     "desktop.ini",
 )
-RESCAN = "\0rescan"  # hint: list the whole inbox now (a folder appeared or moved in)
+# Hints, as (kind, path): list the whole inbox now (a folder appeared or moved in); a file
+# changed or appeared; a file was opened; a file was closed (after writing or not).
+RESCAN, CHANGED, OPENED, CLOSED = "rescan", "changed", "opened", "closed"
+# watchdog's inotify emitter reports IN_OPEN (for reading or writing alike), IN_CLOSE_WRITE and
+# IN_CLOSE_NOWRITE as these; every other event of a file is a change.
+EVENT_HINTS = {"opened": OPENED, "closed": CLOSED, "closed_no_write": CLOSED}
 
 
 class _HarmlessWatchdogNoise(logging.Filter):
@@ -100,6 +118,16 @@ class Pending:
     mtime_ns: int
     unchanged_since: float  # on the step clock (monotonic)
     detected_at: float  # wall-clock time, for the journal and latency
+    open: int = 0  # opens seen minus closes seen: a process may still be writing
+
+
+@dataclass(frozen=True)
+class Unfinished:
+    """A claimed file that looked cut short, put back as it was then, and since when."""
+
+    size: int
+    mtime_ns: int
+    since: float  # on the step clock
 
 
 @dataclass(frozen=True)
@@ -109,21 +137,22 @@ class Ready:
 
 
 class _Hints(FileSystemEventHandler):
-    """Turns watchdog events into relative paths on a queue; nothing else."""
+    """Turns watchdog events into (kind, path) hints on a queue; nothing else."""
 
-    def __init__(self, root: Path, hints: queue.SimpleQueue[str]) -> None:
+    def __init__(self, root: Path, hints: queue.SimpleQueue[tuple[str, str]]) -> None:
         self.root = root
         self.hints = hints
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if isinstance(event, DirCreatedEvent | DirMovedEvent):
-            self.hints.put(RESCAN)
+            self.hints.put((RESCAN, ""))
             return
-        if event.is_directory or event.event_type in ("deleted", "opened", "closed_no_write"):
+        if event.is_directory or event.event_type == "deleted":
             return
+        kind = EVENT_HINTS.get(event.event_type, CHANGED)
         for path in (event.src_path, getattr(event, "dest_path", "")):
             if path:
-                self.hints.put(os.fsdecode(path))
+                self.hints.put((kind, os.fsdecode(path)))
 
 
 class InboxWatcher:
@@ -141,13 +170,17 @@ class InboxWatcher:
         self.config = config
         self.root = config.path
         self.settle = config.settle_ms / 1000
+        self.grace = config.incomplete_grace_ms / 1000
         self.scan_interval = scan_interval
         self.observe = observe
         self.on_detected = on_detected
         self.on_restart = on_restart
         self.pending: dict[str, Pending] = {}
         self.handed_out: set[str] = set()  # ready, until the service says it tried to claim it
-        self.hints: queue.SimpleQueue[str] = queue.SimpleQueue()
+        # Put back for looking cut short; written by the decode threads, hence the lock.
+        self.unfinished: dict[str, Unfinished] = {}
+        self.lock = threading.Lock()
+        self.hints: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
         self.next_scan = clock_start  # scan at the first step
         self.observer: BaseObserver | None = None
         self.root_inode = 0
@@ -200,7 +233,7 @@ class InboxWatcher:
         self.stop()
         self.on_restart()
         self.start()
-        self.hints.put(RESCAN)
+        self.hints.put((RESCAN, ""))
 
     def step(self, now: float) -> list[Ready]:
         """Take hints, scan when due, and return the files that have settled."""
@@ -209,13 +242,14 @@ class InboxWatcher:
         rescan = now >= self.next_scan
         while True:
             try:
-                hint = self.hints.get_nowait()
+                kind, path = self.hints.get_nowait()
             except queue.Empty:
                 break
-            if hint == RESCAN:
+            if kind == RESCAN:
                 rescan = True
             else:
-                self._note(hint, now, by_scan=False)
+                opens = {OPENED: 1, CLOSED: -1}.get(kind, 0)
+                self._note(path, now, by_scan=False, opens=opens)
         if rescan:
             self.next_scan = now + self.scan_interval
             for path in self.scan():
@@ -243,7 +277,8 @@ class InboxWatcher:
                 else:
                     yield entry.path
 
-    def _note(self, path: str, now: float, by_scan: bool) -> None:
+    def _note(self, path: str, now: float, by_scan: bool, opens: int = 0) -> None:
+        """Start following a file; ``opens`` is +1 for an open seen, -1 for a close."""
         try:
             relative = Path(path).relative_to(self.root)
         except ValueError:
@@ -254,13 +289,18 @@ class InboxWatcher:
         if not self.config.recursive and len(parts) > 1:
             return
         key = relative.as_posix()
-        if key in self.pending or key in self.handed_out:
+        if key in self.handed_out:
             return
-        info = self._lstat(path)
-        if info is None or stat.S_ISDIR(info.st_mode):
-            return
-        self.on_detected(by_scan)
-        self.pending[key] = Pending(info.st_size, info.st_mtime_ns, now, time.time())
+        seen = self.pending.get(key)
+        if seen is None:
+            info = self._lstat(path)
+            if info is None or stat.S_ISDIR(info.st_mode):
+                return
+            self.on_detected(by_scan)
+            seen = self.pending[key] = Pending(info.st_size, info.st_mtime_ns, now, time.time())
+        # Counted, not paired: events name no process, and inotify merges identical events
+        # that follow each other. A count that sticks above zero ends at the grace time.
+        seen.open = max(seen.open + opens, 0)
 
     def _settled(self, now: float) -> list[Ready]:
         ready = []
@@ -268,15 +308,64 @@ class InboxWatcher:
             info = self._lstat(str(self.root / key))
             if info is None:
                 del self.pending[key]
+                self._forget_unfinished(key)
                 continue
             if (info.st_size, info.st_mtime_ns) != (seen.size, seen.mtime_ns):
                 seen.size, seen.mtime_ns, seen.unchanged_since = info.st_size, info.st_mtime_ns, now
                 continue
-            if now - seen.unchanged_since >= self.settle:
-                del self.pending[key]
-                self.handed_out.add(key)
-                ready.append(Ready(key, seen.detected_at))
+            quiet = now - seen.unchanged_since
+            if quiet < self.settle or self._held(key, seen, quiet, now):
+                continue
+            del self.pending[key]
+            self.handed_out.add(key)
+            ready.append(Ready(key, seen.detected_at))
         return ready
+
+    def _held(self, key: str, seen: Pending, quiet: float, now: float) -> bool:
+        """A settled file that may still be arriving: open in a process, or put back for
+        looking cut short; either until it has been unchanged for the grace time."""
+        if seen.open and quiet < self.grace:
+            return True
+        if seen.open:
+            log.warning("inbox %s: %s is still open in a process but unchanged for %.0f s; "
+                        "taking it", self.config.name, key, quiet)  # fmt: skip
+            seen.open = 0
+        with self.lock:
+            put_back = self.unfinished.get(key)
+            if put_back is None:
+                return False
+            if (seen.size, seen.mtime_ns) != (put_back.size, put_back.mtime_ns):
+                del self.unfinished[key]  # written to since: an ordinary file again
+                return False
+            return now - put_back.since < self.grace
+
+    def still_arriving(self, relative: str, size: int, mtime_ns: int, now: float) -> bool:
+        """A claimed file looks cut short (empty, truncated) and has not changed since the
+        claim. True: put it back to wait for its writer (the first time, or while the grace
+        time runs); False: it has looked so, unchanged, for ``incomplete_grace_ms`` and is to
+        be refused. Called from the decode threads."""
+        if self.grace <= 0:
+            return False
+        with self.lock:
+            put_back = self.unfinished.get(relative)
+            if put_back is None or (put_back.size, put_back.mtime_ns) != (size, mtime_ns):
+                self.unfinished[relative] = Unfinished(size, mtime_ns, now)
+                return True
+            if now - put_back.since < self.grace:
+                return True
+            del self.unfinished[relative]
+            return False
+
+    def waiting(self) -> bool:
+        """Files seen and not handed out yet, counting those put back for looking cut short
+        that no scan has found again yet."""
+        with self.lock:
+            put_back = list(self.unfinished)
+        return bool(self.pending) or any(self._lstat(str(self.root / k)) for k in put_back)
+
+    def _forget_unfinished(self, key: str) -> None:
+        with self.lock:
+            self.unfinished.pop(key, None)
 
     def _lstat(self, path: str) -> os.stat_result | None:
         try:

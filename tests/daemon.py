@@ -53,7 +53,11 @@ class Site:
     def journal(self) -> Path:
         return self.root / "journal.sqlite3"
 
-    def write_config(self, settle_ms: int = 300, **sections: object) -> Path:
+    def write_config(
+        self, settle_ms: int = 300, inbox: dict[str, object] | None = None, **sections: object
+    ) -> Path:
+        """The config file; ``inbox`` adds or replaces keys of the one inbox, ``sections``
+        replace top-level sections."""
         config: dict[str, object] = {
             "model": {"weights": str(WEIGHTS), "device": "cpu"},
             "batching": {"max_batch_size": 8, "max_wait_ms": 50},
@@ -69,6 +73,7 @@ class Site:
                     "errors": str(self.errors),
                     "settle_ms": settle_ms,
                     "outputs": [{"kind": "cutout"}, {"kind": "mask"}],
+                    **(inbox or {}),
                 }
             ],
         }

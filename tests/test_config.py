@@ -82,6 +82,7 @@ def test_inbox_outputs_and_names(tmp_path: Path) -> None:
         ]
     }
     cfg = parse(tmp_path, yaml.safe_dump({"inboxes": [inbox]}))
+    assert cfg.inboxes[0].incomplete_grace_ms == 60_000  # the default
     names = [o.filename("shoe", ".jpg") for o in cfg.inboxes[0].outputs]
     assert names == ["shoe.png", "shoe.mask.png", "shoe.jpg", "shoe.black.png"]
     assert cfg.inboxes[0].outputs[3].background == (0, 0, 0)
@@ -113,6 +114,8 @@ def test_inbox_outputs_and_names(tmp_path: Path) -> None:
         ({"group": "no-such-group-here"}, "no group named"),
         ({"originals": "shred"}, "originals: 'shred' is not one of move, delete"),
         ({"name": "my inbox"}, "must be letters, digits"),
+        ({"incomplete_grace_ms": -1}, r"inboxes\[0\].incomplete_grace_ms: must be 0 or more"),
+        ({"incomplete_grace_ms": "1m"}, r"incomplete_grace_ms: expected int, got '1m'"),
     ],
 )
 def test_inbox_mistakes(tmp_path: Path, change: dict[str, object], message: str) -> None:

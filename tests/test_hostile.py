@@ -87,6 +87,8 @@ def image_cases(photos: dict[str, np.ndarray]) -> list[Case]:
         Case(b"b/same.jpg", data_file(photo), PUBLISHED),
         Case(b"folder.jpg/inside.jpg", data_file(photo), PUBLISHED),
         Case(b"text.jpg", data_file(b"just some text\n"), "unsupported_format"),
+        Case(b"empty.jpg", data_file(b""), "empty"),
+        Case(b"truncated.jpg", data_file(corpus.truncated_jpeg(coffee)), "corrupt"),
         Case(
             b"huge-header.png", data_file(corpus.png_claiming(100_000, 100_000)), "too_many_pixels"
         ),
@@ -134,7 +136,8 @@ def finished(site: Site, count: int) -> bool:
 def test_every_name_and_kind_ends_right_and_the_daemon_stays_up(
     site: Site, photos: dict[str, np.ndarray]
 ) -> None:
-    site.write_config(settle_ms=100)
+    # Empty and cut-short files are refused once unchanged for the grace time.
+    site.write_config(settle_ms=100, inbox={"incomplete_grace_ms": 1000})
     log = site.root / "log"
     daemon = start(site.config, "--log-format", "json", log=log, prefix=without_root_powers())
     good = photo_jpegs(photos, 1, size=64)[0]

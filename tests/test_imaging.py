@@ -236,3 +236,79 @@ def test_fast_png_compresses_like_zlib_and_refuses_what_png_cannot_hold(
 def test_jpeg_round_trip(photo: np.ndarray) -> None:
     decoded = imaging.decode(imaging.encode_jpeg(photo, quality=95))
     assert_close(decoded.rgb, photo, 3.0)
+
+
+def zero_tail(data: bytes, kept: float) -> bytes:
+    """A copy that set its final size first and stopped part-way: the rest is zeros."""
+    cut = int(len(data) * kept)
+    return data[:cut] + bytes(len(data) - cut)
+
+
+def whole_files(photo: np.ndarray) -> dict[str, bytes]:
+    image = Image.fromarray(photo)
+    exif = Image.Exif()
+    exif[0x010F] = "Camera"
+    thumbnail = corpus.jpeg(photo[::8, ::8].copy())
+    return {
+        "jpeg": corpus.jpeg(photo),
+        "progressive-jpeg": corpus.encoded(image, "JPEG", progressive=True, quality=90),
+        "jpeg-with-restarts": corpus.encoded(image, "JPEG", restart_marker_rows=4),
+        # An EXIF block holding a whole JPEG (its own end marker) ahead of the image data.
+        "jpeg-with-thumbnail": corpus.jpeg(photo, exif=exif.tobytes() + thumbnail),
+        "png": corpus.png(photo),
+        "png-rgba": corpus.png(np.dstack((photo, photo[:, :, 0]))),
+        "webp": corpus.encoded(image, "WEBP"),
+        "webp-lossless": corpus.encoded(image, "WEBP", lossless=True),
+        "bmp": corpus.encoded(image, "BMP"),
+        "tiff": corpus.encoded(image, "TIFF"),
+    }
+
+
+def test_whole_files_do_not_look_incomplete(photo: np.ndarray) -> None:
+    for name, data in whole_files(photo).items():
+        assert imaging.looks_incomplete(data) is None, name
+        # What follows the end does not matter: padding, a motion photo's video.
+        assert imaging.looks_incomplete(data + bytes(4096)) is None, name
+        assert imaging.looks_incomplete(data + b"\0\0\0\x18ftypmp42" * 100) is None, name
+    assert imaging.looks_incomplete(b"hello, this is not a photo\n") is None  # not ours
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["jpeg", "progressive-jpeg", "jpeg-with-restarts", "jpeg-with-thumbnail", "png", "png-rgba",
+     "webp", "webp-lossless"],
+)  # fmt: skip
+def test_cut_short_and_zero_filled_files_look_incomplete(photo: np.ndarray, name: str) -> None:
+    data = whole_files(photo)[name]
+    for length in [*range(1, 300, 7), *range(300, len(data), len(data) // 97), len(data) - 1]:
+        problem = imaging.looks_incomplete(data[:length])
+        assert problem is not None, f"{name} cut at {length} of {len(data)}"
+        assert problem.reason == Reason.CORRUPT
+        assert problem.message.startswith("is truncated: ")
+    for kept in (0.01, 0.5, 0.9, 0.99):
+        problem = imaging.looks_incomplete(zero_tail(data, kept))
+        assert problem is not None, f"{name}, {kept:.0%} written, the rest zeros"
+        assert problem.reason == Reason.CORRUPT
+        assert "bytes are zeros: a copy that stopped part-way?" in problem.message
+
+
+def test_a_zero_filled_jpeg_can_decode_without_error(photo: np.ndarray) -> None:
+    """Why the end is checked: the decoder alone takes this copy, 90 % written, whose bottom
+    rows are made up."""
+    data = corpus.jpeg(photo, quality=95)
+    partial = zero_tail(data, 0.9)
+    picture = imaging.decode(partial).rgb.astype(int)
+    whole = imaging.decode(data).rgb.astype(int)
+    assert np.array_equal(picture[:300], whole[:300])
+    assert np.abs(picture[-20:] - whole[-20:]).mean() > 20
+    problem = imaging.looks_incomplete(partial)
+    assert problem is not None
+    assert "JPEG image data stops before its end marker (EOI)" in problem.message
+
+
+def test_empty_and_all_zero_files_look_incomplete() -> None:
+    for data, words in ((b"", "is empty (0 bytes)"), (bytes(5000), "holds only zero bytes")):
+        problem = imaging.looks_incomplete(data)
+        assert problem is not None
+        assert problem.reason == Reason.EMPTY
+        assert problem.message.startswith(words)

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
 
 from hotfolder import recipes
 from hotfolder.config import InboxConfig
-from hotfolder.watch import InboxWatcher, is_ignored
+from hotfolder.watch import CHANGED, CLOSED, OPENED, InboxWatcher, is_ignored
 
 
-def watcher(tmp_path: Path, settle_ms: int = 1000, recursive: bool = True) -> InboxWatcher:
+def watcher(
+    tmp_path: Path, settle_ms: int = 1000, recursive: bool = True, grace_ms: int = 60_000
+) -> InboxWatcher:
     config = InboxConfig(
         name="t", path=tmp_path / "in", outbox=tmp_path / "out", done=tmp_path / "done",
         errors=tmp_path / "err", settle_ms=settle_ms, recursive=recursive,
-        outputs=(recipes.Output(recipes.Kind.CUTOUT),),
+        incomplete_grace_ms=grace_ms, outputs=(recipes.Output(recipes.Kind.CUTOUT),),
     )  # fmt: skip
     w = InboxWatcher(config, scan_interval=10.0, observe=False)
     w.start()
@@ -121,5 +124,117 @@ def test_deleted_and_recreated_inbox_restarts_the_observer(tmp_path: Path) -> No
         w.step(0.0)
         assert w.healthy()
         assert restarts == ["restart"]
+    finally:
+        w.stop()
+
+
+def test_a_file_open_in_a_process_waits_for_its_close(tmp_path: Path) -> None:
+    """An open seen and no close yet: not ready after settling; ready once closed and settled."""
+    w = watcher(tmp_path)
+    path = w.root / "held.jpg"
+    path.write_bytes(b"x")
+    w.hints.put((CHANGED, str(path)))
+    w.hints.put((OPENED, str(path)))
+    assert ready_names(w, 0.0) == []
+    assert ready_names(w, 5.0) == []  # quiet for 5 s, but still open
+    w.hints.put((CLOSED, str(path)))
+    assert ready_names(w, 5.1) == ["held.jpg"]  # unchanged since 0.0, now closed
+
+
+def test_opens_and_closes_are_counted(tmp_path: Path) -> None:
+    w = watcher(tmp_path)
+    path = w.root / "two.jpg"
+    path.write_bytes(b"x")
+    for kind in (OPENED, OPENED, CLOSED):
+        w.hints.put((kind, str(path)))
+    assert ready_names(w, 0.0) == []
+    assert ready_names(w, 2.0) == []  # one open left
+    w.hints.put((CLOSED, str(path)))
+    w.hints.put((CLOSED, str(path)))  # a close more than opens seen: not below zero
+    assert ready_names(w, 2.1) == ["two.jpg"]
+    w.done("two.jpg")
+    w.hints.put((OPENED, str(path)))  # a new open: held again
+    assert ready_names(w, 2.2) == []
+    assert ready_names(w, 3.3) == []
+
+
+def test_a_file_never_closed_is_taken_after_the_grace_time(tmp_path: Path) -> None:
+    w = watcher(tmp_path, grace_ms=30_000)
+    path = w.root / "stuck.jpg"
+    path.write_bytes(b"x")
+    w.hints.put((OPENED, str(path)))
+    assert ready_names(w, 0.0) == []
+    assert ready_names(w, 20.0) == []
+    with path.open("ab") as f:  # written to: the grace time starts again
+        f.write(b"y")
+    assert ready_names(w, 25.0) == []
+    assert ready_names(w, 54.9) == []
+    assert ready_names(w, 55.0) == ["stuck.jpg"]
+
+
+def test_a_file_put_back_as_cut_short_waits_the_grace_time(tmp_path: Path) -> None:
+    """The decode stage found it cut short: held, unchanged, for the grace time, then handed
+    out once more and refused; any change makes it an ordinary file again."""
+    w = watcher(tmp_path, grace_ms=30_000)
+    path = w.root / "cut.jpg"
+    path.write_bytes(b"\xff\xd8")
+    assert ready_names(w, 0.0) == []
+    assert ready_names(w, 1.0) == ["cut.jpg"]
+    info = path.stat()
+    assert w.still_arriving("cut.jpg", info.st_size, info.st_mtime_ns, 1.5)  # put back
+    w.done("cut.jpg")
+    assert w.pending == {}
+    assert w.waiting()  # put back: still to be handled (--once must not stop yet)
+    w.hints.put((CHANGED, str(path)))  # moved back into the inbox
+    assert ready_names(w, 2.0) == []
+    assert ready_names(w, 12.0) == []  # settled, but held
+    assert ready_names(w, 31.4) == []
+    assert ready_names(w, 31.5) == ["cut.jpg"]
+    assert w.still_arriving("cut.jpg", info.st_size, info.st_mtime_ns, 31.6) is False  # refuse
+    assert w.unfinished == {}
+
+    # Put back again, then written to: no longer held.
+    assert w.still_arriving("cut.jpg", info.st_size, info.st_mtime_ns, 40.0)
+    w.done("cut.jpg")
+    w.hints.put((CHANGED, str(path)))
+    assert ready_names(w, 40.0) == []
+    with path.open("ab") as f:
+        f.write(b"\xff\xd9")
+    assert ready_names(w, 41.0) == []
+    assert ready_names(w, 42.0) == ["cut.jpg"]
+    assert w.unfinished == {}
+
+
+def test_no_grace_time_refuses_at_once_and_ignores_opens(tmp_path: Path) -> None:
+    w = watcher(tmp_path, grace_ms=0)
+    path = w.root / "a.jpg"
+    path.write_bytes(b"x")
+    w.hints.put((OPENED, str(path)))
+    assert ready_names(w, 0.0) == []
+    assert ready_names(w, 1.0) == ["a.jpg"]
+    assert w.still_arriving("a.jpg", 1, path.stat().st_mtime_ns, 1.0) is False
+
+
+def test_watchdog_reports_opens_and_closes_of_local_writers(tmp_path: Path) -> None:
+    """The real inotify observer: a file held open is not taken, however long it is quiet."""
+    config = watcher(tmp_path, settle_ms=200).config
+    w = InboxWatcher(config, scan_interval=3600.0, observe=True)
+    w.start()
+    try:
+        with (w.root / "slow.jpg").open("wb") as f:
+            f.write(b"part")
+            f.flush()
+            deadline = time.monotonic() + 30
+            while not any(p.open for p in w.pending.values()):
+                assert w.step(time.monotonic()) == []
+                assert time.monotonic() < deadline, "no open event seen"
+                time.sleep(0.01)
+            assert w.step(time.monotonic() + 10) == []  # quiet, but open
+        ready: list[str] = []
+        while not ready:
+            ready = [r.relative for r in w.step(time.monotonic())]
+            assert time.monotonic() < deadline, "the close was not seen"
+            time.sleep(0.01)
+        assert ready == ["slow.jpg"]
     finally:
         w.stop()

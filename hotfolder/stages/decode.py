@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import queue
 import time
 
-from hotfolder import imaging
+from hotfolder import imaging, names
 from hotfolder.claims import DECODE, DECODED, Claim
 from hotfolder.collect import Stop
 from hotfolder.inboxes import Inbox
-from hotfolder.jobs import ImageError
+from hotfolder.jobs import ImageError, Reason
 from hotfolder.outcomes import Outcomes
 from hotfolder.pipeline import QUEUE_POLL, Decoded, Pipeline
+
+log = logging.getLogger(__name__)
 
 
 class Decode:
@@ -55,9 +59,14 @@ class Decode:
         started = time.monotonic()
         try:
             data = imaging.read_file(claim.source, limits.max_bytes)
+            if (unfinished := imaging.looks_incomplete(data)) is not None:
+                raise unfinished
             picture = imaging.decode(data, limits.max_pixels)
         except ImageError as exc:
-            self.outcomes.reject(inbox, claim, exc.reason, exc.message)
+            if not self.still_arriving(inbox, claim, exc):
+                self.outcomes.reject(inbox, claim, exc.reason, exc.message)
+            return None
+        if self.still_arriving(inbox, claim):
             return None
         inbox.claims.note(DECODED, [claim])
         decoded_at = time.monotonic()
@@ -65,3 +74,24 @@ class Decode:
         decoded = Decoded(inbox, claim, picture, digest, decoded_at - started, decoded_at)
         self.pipeline.metrics.stage.labels("decode").observe(decoded.decode_seconds)
         return decoded
+
+    def still_arriving(self, inbox: Inbox, claim: Claim, error: ImageError | None = None) -> bool:
+        """A writer may still be filling the claimed file: it changed since the claim, or it
+        looks cut short (``error`` says empty or corrupt) and has not yet been unchanged for
+        the inbox's ``incomplete_grace_ms``. Then it goes back to the inbox to wait (True)."""
+        try:
+            info = os.lstat(claim.source)
+        except OSError:
+            return False
+        state = (info.st_size, info.st_mtime_ns)
+        changed = claim.mtime_ns != 0 and state != (claim.size, claim.mtime_ns)
+        cut_short = error is not None and error.reason in (Reason.EMPTY, Reason.CORRUPT)
+        if not changed and not (
+            cut_short and inbox.watcher.still_arriving(claim.relative, *state, time.monotonic())
+        ):
+            return False
+        why = "it changed since it was taken" if changed else f"it {error and error.message}"
+        log.info("%s/%s: put back to wait for its writer: %s", inbox.config.name,
+                 names.escape(claim.relative), why)  # fmt: skip
+        self.outcomes.release(inbox, claim)
+        return True

@@ -84,7 +84,7 @@ class Intake:
 
     def idle(self) -> bool:
         pipeline = self.pipeline
-        pending = any(inbox.watcher.pending for inbox in pipeline.inboxes.active)
+        pending = any(inbox.watcher.waiting() for inbox in pipeline.inboxes.active)
         waiting = self.ready or pipeline.recovered
         return self.scanned_once and not pipeline.busy() and not pending and not waiting
 
