@@ -52,7 +52,7 @@ def test_release_puts_the_file_back(tmp_path: Path) -> None:
 def test_jobs_of_a_dead_daemon_are_adopted_with_their_attempts(tmp_path: Path) -> None:
     (tmp_path / "a.jpg").write_bytes(b"photo")
     dead = store(tmp_path, dead_owner())
-    claim = dead.record_attempt(dead.claim("a.jpg", 5.0))  # type: ignore[arg-type]
+    claim = dead.record_attempt(dead.claim("a.jpg", 5.0), persist=True)  # type: ignore[arg-type]
     survivor = store(tmp_path)
     adopted = survivor.recover()
     assert [(c.job_id, c.relative, c.attempts) for c in adopted] == [(claim.job_id, "a.jpg", 1)]
