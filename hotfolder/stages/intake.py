@@ -17,7 +17,7 @@ from dataclasses import replace
 
 import torch
 
-from hotfolder import config, names
+from hotfolder import config, memory, names
 from hotfolder.claims import Claim
 from hotfolder.inboxes import Inbox
 from hotfolder.jobs import Reason
@@ -149,6 +149,7 @@ class Intake:
                     with contextlib.suppress(OSError):
                         free = shutil.disk_usage(path).free
                         pipeline.metrics.disk_free.labels(cfg.name, folder).set(free)
+        memory.release_free_memory()  # photos of many sizes fragment the heap
         engine = pipeline.engine
         if engine.device.type == "cuda":
             gpu = engine.device
