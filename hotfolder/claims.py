@@ -24,7 +24,7 @@ import uuid
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
 
-from hotfolder.publish import fsync_dir, write_atomic
+from hotfolder.publish import Permissions, fsync_dir, write_in
 
 WORK_DIR = ".hotfolder"
 JOB_FILE = "job.json"
@@ -172,6 +172,14 @@ class ClaimStore:
         self.finish(claim)
         return True
 
+    def reread(self, claim: Claim) -> Claim | None:
+        """The claim as its job folder records it now; None when the folder, or its file
+        before any outcome was recorded, is gone."""
+        current = _read_record(claim.folder)
+        if current is None or (not current.outcome and not os.path.lexists(current.source)):
+            return None
+        return current
+
     def finish(self, claim: Claim) -> None:
         shutil.rmtree(claim.folder, ignore_errors=True)
 
@@ -229,4 +237,10 @@ class ClaimStore:
     def _save(self, claim: Claim) -> None:
         record = asdict(claim)
         del record["folder"]
-        write_atomic(claim.folder / JOB_FILE, json.dumps(record).encode())
+        # Never re-create a job folder that vanished (inbox deleted, share dropped): a record
+        # without its file would later read as a job whose original was archived.
+        folder = os.open(claim.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            write_in(folder, JOB_FILE, json.dumps(record).encode(), Permissions())
+        finally:
+            os.close(folder)

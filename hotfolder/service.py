@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hotfolder import __version__, config, imaging, names, naming, publish, recipes
+from hotfolder import __version__, config, imaging, names, naming, publish, recipes, roots
 from hotfolder.claims import Claim
 from hotfolder.collect import STOP, Stop, collect
 from hotfolder.engine import MattingEngine
@@ -43,6 +43,7 @@ from hotfolder.inboxes import Inbox, InboxSet
 from hotfolder.jobs import ImageError, Reason
 from hotfolder.journal import Journal
 from hotfolder.metrics import Metrics, MetricsServer
+from hotfolder.roots import Pause, Roots
 from hotfolder.systemd import Notifier
 from hotfolder.watch import Ready
 
@@ -63,7 +64,10 @@ PAUSE_REASONS = {
 # Config sections a SIGHUP cannot change in a running process (inboxes, outputs, batching and
 # limits apply at once).
 RESTART_ONLY = ("model", "daemon", "metrics", "journal")
-PAUSE_SECONDS = 10.0
+PROBE_SECONDS = 1.0  # while paused, each folder that failed is probed this often
+# Free space a folder that ran out must offer again, as a multiple of what the failed job needed:
+# resuming with room for exactly one job would fail the next one and pause again.
+SPACE_MARGIN = 2
 INTAKE_TICK = 0.05
 QUEUE_POLL = 1.0  # a stage waiting for work still steps this often (it proves it is alive)
 HOUSEKEEPING_SECONDS = 5.0  # heartbeats, backlog gauges, disk space, GPU memory
@@ -118,7 +122,12 @@ class Service:
         self.fatal: BaseException | None = None
         self.in_flight = 0
         self.in_flight_lock = threading.Lock()
-        self.paused_until = 0.0
+        self.pause = Pause(PROBE_SECONDS)
+        self.roots: dict[tuple[Path, ...], Roots] = {}
+        # Jobs whose inbox went away (share dropped, folder deleted): neither finished nor put
+        # back, until the inbox is reachable again.
+        self.parked: list[tuple[Inbox, Claim]] = []
+        self.parked_lock = threading.Lock()
         self.scanned_once = False
         self.threads: list[threading.Thread] = []
         self.last_step: dict[str, float] = {}
@@ -128,6 +137,7 @@ class Service:
 
     def _make_inbox(self, inbox_config: config.InboxConfig) -> Inbox:
         self.metrics.add_inbox(inbox_config.name)
+        self._roots_of(inbox_config)  # their filesystems now, before anything goes wrong
         return Inbox(
             inbox_config,
             self.config.daemon.scan_interval_ms / 1000,
@@ -221,7 +231,7 @@ class Service:
 
     def readiness(self) -> tuple[bool, dict[str, object]]:
         """Model loaded and warm, intake open."""
-        paused = time.monotonic() < self.paused_until
+        paused = self.pause.active
         ok = self.engine.warmup_seconds > 0 and not paused and not self.stopping.is_set()
         return ok, {"paused": paused, "stopping": self.stopping.is_set()}
 
@@ -345,9 +355,11 @@ class Service:
             for ready in inbox.watcher.step(now):
                 self.ready.append((inbox, ready))
         self.scanned_once = True
-        if now >= self.paused_until:
-            for reason in PAUSE_REASONS.values():
-                self.metrics.paused.labels(reason).set(0)
+        self._check_roots(now)
+        if self.pause.active:
+            self._probe(now)
+        self._show_pause()
+        if not self.pause.active:
             self._feed_claims()
         if now >= self.next_housekeeping:
             self.next_housekeeping = now + HOUSEKEEPING_SECONDS
@@ -363,7 +375,16 @@ class Service:
             self.claim_queue.put(self.recovered.popleft())
         while self.ready and not self.claim_queue.full():
             inbox, ready = self.ready.popleft()
-            claim = inbox.claims.claim(ready.relative, ready.detected_at)
+            if self._roots_of(inbox.config).away():
+                self.ready.appendleft((inbox, ready))
+                return  # the next tick pauses intake for it
+            try:
+                claim = inbox.claims.claim(ready.relative, ready.detected_at)
+            except OSError as exc:
+                reason = PAUSE_REASONS.get(exc.errno or 0, roots.AWAY)
+                self._hold_failing(inbox.config, reason, 0, exc)
+                self.ready.appendleft((inbox, ready))
+                return
             inbox.watcher.done(ready.relative)
             if claim is None:
                 continue  # gone, or another daemon took it
@@ -390,7 +411,7 @@ class Service:
 
     def _housekeeping(self) -> None:
         self._observe_backlog()
-        self.inboxes.heartbeat()
+        self.inboxes.heartbeat(lambda inbox: not self._roots_of(inbox.config).away())
         self.inboxes.close_retired(lambda inbox: inbox.claims.has_jobs())
         for inbox in self.inboxes.active:
             cfg = inbox.config
@@ -437,6 +458,113 @@ class Service:
         self.metrics.reload_ok.set(1)
         log.info("config reloaded from %s: %d inbox(es)", source, len(self.inboxes.active))
 
+    # ----- pausing ---------------------------------------------------------------------
+
+    def _roots_of(self, cfg: config.InboxConfig) -> Roots:
+        """The folders of an inbox, as they were when first seen with these paths."""
+        folders = tuple(f for f in (cfg.path, cfg.outbox, cfg.done, cfg.errors) if f is not None)
+        if folders not in self.roots:
+            self.roots[folders] = Roots(folders)
+        return self.roots[folders]
+
+    def _check_roots(self, now: float) -> None:
+        """A root that went away (share dropped, folder deleted) pauses intake until it is back:
+        nothing is claimed from, or created in, a bare mountpoint."""
+        for inbox in self.inboxes.active:
+            for root in self._roots_of(inbox.config).away():
+                self._hold(root, roots.AWAY, now, 0, "missing, or not the filesystem it was on")
+
+    def _hold(self, root: roots.Root, reason: str, now: float, need: int, why: object) -> None:
+        if self.pause.hold(root, reason, now, need):
+            log.error("intake paused (%s): %s: %s; probing it every %.0f s until it can be "
+                      "written", reason, root.path, why, PROBE_SECONDS)  # fmt: skip
+
+    def _hold_failing(self, cfg: config.InboxConfig, reason: str, need: int, why: object) -> None:
+        """Pause until every root of the inbox that fails a probe now passes one (all of
+        them, if none fails now: the trouble was fleeting, one probe round confirms it)."""
+        now = time.monotonic()
+        every = self._roots_of(cfg).roots
+        for root in [r for r in every if not roots.usable(r, need)] or every:
+            self._hold(root, reason, now, need, why)
+
+    def _probe(self, now: float) -> None:
+        for root in self.pause.probe_due(now):
+            log.info("%s can be written again", root.path)
+        if not self.pause.active:
+            log.info("intake resumed")
+            self._unpark()
+
+    def _show_pause(self) -> None:
+        held = self.pause.reasons()
+        for reason in set(PAUSE_REASONS.values()):
+            self.metrics.paused.labels(reason).set(int(reason in held))
+
+    def _cannot_continue(self, inbox: Inbox, claim: Claim, exc: OSError, need: int = 0) -> bool:
+        """A job failed on disk: set it aside and pause intake if the machine, not the file, is
+        at fault. ``need``: bytes the job needed. False if ``exc`` is none of those troubles
+        (the caller re-raises it)."""
+        away = self._roots_of(inbox.config).away()
+        shown = f"{inbox.config.name}/{names.escape(claim.relative)}"
+        if away:
+            now = time.monotonic()
+            for root in away:
+                self._hold(root, roots.AWAY, now, 0, exc)
+            self._park(inbox, claim)
+            return True
+        if not claim.folder.is_dir():
+            self._drop(inbox, claim, exc)
+            return True
+        reason = PAUSE_REASONS.get(exc.errno or 0)
+        if reason is None:
+            return False
+        log.error("%s: cannot be finished (%s); the file goes back to the inbox", shown, exc)
+        self._hold_failing(inbox.config, reason, need, exc)
+        self._release(inbox, claim)
+        return True
+
+    def _drop(self, inbox: Inbox, claim: Claim, exc: OSError) -> None:
+        """The job's folder vanished with its file (the inbox was deleted or replaced): there
+        is nothing left to finish or put back."""
+        log.warning("%s/%s: its work folder vanished with the file (inbox deleted?); the job "
+                    "is dropped: %s", inbox.config.name, names.escape(claim.relative),
+                    exc)  # fmt: skip
+        self.journal.forget(claim.job_id)
+        self._count(-1)
+
+    def _park(self, inbox: Inbox, claim: Claim) -> None:
+        """The job's inbox is unreachable: neither finish it nor put it back; wait for it."""
+        log.warning("%s/%s: its inbox is unreachable; the job waits for it", inbox.config.name,
+                    names.escape(claim.relative))  # fmt: skip
+        self.journal.forget(claim.job_id)  # not begun, as far as anyone can tell
+        with self.parked_lock:
+            self.parked.append((inbox, claim))
+        self._count(-1)
+
+    def _unpark(self) -> None:
+        """Every root is back: each parked job is finished if its outcome was recorded, else
+        its file goes back to the inbox, as its job folder now says. A job whose folder did not
+        come back (a fresh share) is forgotten."""
+        with self.parked_lock:
+            parked, self.parked = self.parked, []
+        for inbox in self.inboxes.active:
+            with contextlib.suppress(OSError):
+                inbox.claims.open()  # a share that came back empty needs our work folder again
+        for inbox, claim in parked:
+            current = inbox.claims.reread(claim)
+            if current is None:
+                log.warning("%s/%s: its job did not come back with the inbox", inbox.config.name,
+                            names.escape(claim.relative))  # fmt: skip
+                continue
+            if not current.outcome:
+                self._count(+1)
+                self._release(inbox, current)
+                continue
+            try:
+                self._resume(inbox, current)  # file the original where its outcome sends it
+            except OSError as exc:
+                if not self._cannot_continue(inbox, current, exc):
+                    raise
+
     # ----- decode ----------------------------------------------------------------------
 
     def _decode_step(self) -> bool:
@@ -447,26 +575,30 @@ class Service:
         if isinstance(item, Stop):
             return False
         inbox, claim = item
-        if self.stopping.is_set():
+        if self.stopping.is_set() or self.pause.active:  # paused: decode nothing unpublishable
             self._release(inbox, claim)
             return True
         if claim.attempts >= self.config.daemon.max_attempts:
             self._reject(inbox, claim, Reason.REPEATED_FAILURE,
                          f"failed or stopped the daemon {claim.attempts} times")  # fmt: skip
             return True
-        claim = inbox.claims.record_attempt(claim)
-        started = time.monotonic()
         try:
+            claim = inbox.claims.record_attempt(claim)
+            started = time.monotonic()
             data = imaging.read_file(claim.source, self.config.limits.max_bytes)
             picture = imaging.decode(data, self.config.limits.max_pixels)
         except ImageError as exc:
             self._reject(inbox, claim, exc.reason, exc.message)
             return True
+        except OSError as exc:
+            if not self._cannot_continue(inbox, claim, exc):
+                raise
+            return True
         decoded_at = time.monotonic()
         digest = hashlib.sha256(data).hexdigest()
         decoded = Decoded(inbox, claim, picture, digest, decoded_at - started, decoded_at)
         self.metrics.stage.labels("decode").observe(decoded.decode_seconds)
-        while not self.stopping.is_set():
+        while not self.stopping.is_set() and not self.pause.active:
             try:
                 self.decoded_queue.put(decoded, timeout=0.2)
                 return True
@@ -487,6 +619,10 @@ class Service:
             for decoded in batch:
                 self._release(decoded.inbox, decoded.claim)
             stopped = self._release_waiting() or stopped
+            return not stopped
+        if self.pause.active:  # nothing goes through the model that could not be published
+            for decoded in batch:
+                self._release(decoded.inbox, decoded.claim)
             return not stopped
         for inferred in self._infer(batch):
             self.publish_queue.put(inferred)
@@ -568,6 +704,9 @@ class Service:
             return False
         decoded = item.decoded
         inbox, claim = decoded.inbox, decoded.claim
+        if self.pause.active:  # not even encoded: it goes back, and is processed after the pause
+            self._release(inbox, claim)
+            return True
         inference = {"inferred_at": item.inferred_at, "batch_size": item.batch_size,
                      "device": str(self.engine.device)}  # fmt: skip
         started = time.monotonic()
@@ -590,9 +729,9 @@ class Service:
             self._reject(inbox, claim, Reason.UNSAFE_PATH, f"not published: {exc}", inference)
             return True
         except OSError as exc:
-            if exc.errno not in PAUSE_REASONS:
+            need = SPACE_MARGIN * (sum(len(data) for data in rendered) + claim.size)
+            if not self._cannot_continue(inbox, claim, exc, need):
                 raise
-            self._pause(inbox, claim, exc)
             return True
         self.metrics.stage.labels("publish").observe(time.monotonic() - encoded)
         timings = {
@@ -632,7 +771,14 @@ class Service:
                 pass
         publish.place_outputs(files, cfg.outbox, claim.folder / "outputs", cfg.permissions)
         claim = inbox.claims.record_outcome(claim, "success")
-        self._file_original(cfg, claim)
+        try:
+            self._file_original(cfg, claim)
+        except OSError:
+            # The original did not move: its record must not say the job succeeded, or a later
+            # start would journal a success whose original never reached done/.
+            with contextlib.suppress(OSError):
+                inbox.claims.record_outcome(claim, "")
+            raise
         return claim
 
     @staticmethod
@@ -685,22 +831,23 @@ class Service:
         inbox.claims.finish(claim)
         self._count(-1)
 
-    def _pause(self, inbox: Inbox, claim: Claim, exc: OSError) -> None:
-        """The outbox or archive cannot be written: keep the file, stop taking new ones for a
-        while, and try again then."""
-        reason = PAUSE_REASONS[exc.errno or 0]
-        log.error("%s/%s: cannot publish (%s); intake paused for %.0f s, the file is kept",
-                  inbox.config.name, names.escape(claim.relative), exc, PAUSE_SECONDS)  # fmt: skip
-        self.metrics.paused.labels(reason).set(1)
-        self.paused_until = time.monotonic() + PAUSE_SECONDS
-        if claim.outcome:
-            claim = inbox.claims.record_outcome(claim, "")
-        self._release(inbox, claim)
-
     # ----- endings ---------------------------------------------------------------------
 
     def _release(self, inbox: Inbox, claim: Claim) -> None:
-        if inbox.claims.release(claim):
+        if self._roots_of(inbox.config).away():
+            self._park(inbox, claim)  # putting it back would create folders in a bare mountpoint
+            return
+        try:
+            released = inbox.claims.release(claim)
+        except OSError as exc:
+            if not claim.folder.is_dir():
+                self._drop(inbox, claim, exc)
+                return
+            log.error("%s/%s: cannot be put back (%s)", inbox.config.name,
+                      names.escape(claim.relative), exc)  # fmt: skip
+            self._park(inbox, claim)
+            return
+        if released:
             self.journal.forget(claim.job_id)
         else:
             log.warning("%s/%s: a new file took its name; kept for the next start",
@@ -735,9 +882,14 @@ class Service:
             "version": __version__,
             "job": claim.job_id,
         }
-        self._write_error_report(cfg, claim, report)
-        claim = inbox.claims.record_outcome(claim, "failed")
-        self._file_original(cfg, claim)
+        try:
+            self._write_error_report(cfg, claim, report)
+            claim = inbox.claims.record_outcome(claim, "failed")
+            self._file_original(cfg, claim)
+        except OSError as exc:
+            if not self._cannot_continue(inbox, claim, exc):
+                raise
+            return
         self.metrics.failures.labels(cfg.name, reason.value).inc()
         record = {**(columns or {}), "reason": reason.value, "error": message,
                   "attempts": claim.attempts}  # fmt: skip
