@@ -411,7 +411,7 @@ class Service:
 
     def _housekeeping(self) -> None:
         self._observe_backlog()
-        self.inboxes.heartbeat(lambda inbox: not self._roots_of(inbox.config).away())
+        self.inboxes.heartbeat(lambda inbox: not self._inbox_away(inbox))
         self.inboxes.close_retired(lambda inbox: inbox.claims.has_jobs())
         for inbox in self.inboxes.active:
             cfg = inbox.config
@@ -509,7 +509,7 @@ class Service:
             now = time.monotonic()
             for root in away:
                 self._hold(root, roots.AWAY, now, 0, exc)
-            self._park(inbox, claim)
+            self._release(inbox, claim)  # parked instead while the inbox itself is away
             return True
         if not claim.folder.is_dir():
             self._drop(inbox, claim, exc)
@@ -521,6 +521,9 @@ class Service:
         self._hold_failing(inbox.config, reason, need, exc)
         self._release(inbox, claim)
         return True
+
+    def _inbox_away(self, inbox: Inbox) -> bool:
+        return any(r.path == inbox.config.path for r in self._roots_of(inbox.config).away())
 
     def _drop(self, inbox: Inbox, claim: Claim, exc: OSError) -> None:
         """The job's folder vanished with its file (the inbox was deleted or replaced): there
@@ -547,8 +550,9 @@ class Service:
         with self.parked_lock:
             parked, self.parked = self.parked, []
         for inbox in self.inboxes.active:
-            with contextlib.suppress(OSError):
-                inbox.claims.open()  # a share that came back empty needs our work folder again
+            if not self._inbox_away(inbox):
+                with contextlib.suppress(OSError):
+                    inbox.claims.open()  # a share back without our work folder needs it again
         for inbox, claim in parked:
             current = inbox.claims.reread(claim)
             if current is None:
@@ -834,7 +838,7 @@ class Service:
     # ----- endings ---------------------------------------------------------------------
 
     def _release(self, inbox: Inbox, claim: Claim) -> None:
-        if self._roots_of(inbox.config).away():
+        if self._inbox_away(inbox):
             self._park(inbox, claim)  # putting it back would create folders in a bare mountpoint
             return
         try:
