@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
 
 from hotfolder.names import escape
-from hotfolder.publish import fsync_dir, write_atomic
+from hotfolder.publish import Permissions, fsync_dir, write_in
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +137,7 @@ class ClaimStore:
         self.phases: dict[str, str] = {}  # job id -> last phase written, for unfinished jobs
         self.activity_lines = 0
         self.activity_lock = threading.Lock()
+        self.activity_failing = False
         self.unmovable: set[str] = set()  # files the daemon may not move out of the inbox
 
     def open(self) -> None:
@@ -154,16 +155,19 @@ class ClaimStore:
         with self.activity_lock:
             self.phases.update(dict.fromkeys(jobs, phase))
             self.activity_lines += 1
-            if self.activity_lines > ACTIVITY_LINES:
-                self._compact_activity()
-                return
             try:
-                with self.activity_file.open("a", encoding="ascii") as log:
-                    log.write(f"{phase} {' '.join(jobs)}\n")
+                if self.activity_lines > ACTIVITY_LINES:
+                    self._compact_activity()
+                else:
+                    with self.activity_file.open("a", encoding="ascii") as log:
+                        log.write(f"{phase} {' '.join(jobs)}\n")
+                self.activity_failing = False
             except OSError as exc:
                 # Advisory: without it the jobs of a dead daemon are all suspects, retried
-                # alone, and nobody is charged. Not worth stopping for.
-                logger.warning("%s: cannot write the activity log: %s", self.inbox, exc)
+                # alone, and nobody is charged. Not worth stopping for, nor a line per file.
+                if not self.activity_failing:
+                    logger.warning("%s: cannot write the activity log: %s", self.inbox, exc)
+                self.activity_failing = True
 
     def _compact_activity(self) -> None:
         """Rewrite the log as one line per unfinished job, atomically."""
@@ -247,6 +251,14 @@ class ClaimStore:
         os.rename(claim.source, target)
         self.finish(claim)
         return True
+
+    def reread(self, claim: Claim) -> Claim | None:
+        """The claim as its job folder records it now; None when the folder, or its file
+        before any outcome was recorded, is gone."""
+        current = _read_record(claim.folder)
+        if current is None or (not current.outcome and not os.path.lexists(current.source)):
+            return None
+        return current
 
     def finish(self, claim: Claim) -> None:
         shutil.rmtree(claim.folder, ignore_errors=True)
@@ -332,4 +344,10 @@ class ClaimStore:
     def _save(self, claim: Claim) -> None:
         record = asdict(claim)
         del record["folder"]
-        write_atomic(claim.folder / JOB_FILE, json.dumps(record).encode())
+        # Never re-create a job folder that vanished (inbox deleted, share dropped): a record
+        # without its file would later read as a job whose original was archived.
+        folder = os.open(claim.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            write_in(folder, JOB_FILE, json.dumps(record).encode(), Permissions())
+        finally:
+            os.close(folder)

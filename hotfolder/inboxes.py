@@ -111,9 +111,16 @@ class InboxSet:
         self.active = active
         return added
 
-    def heartbeat(self) -> None:
+    def heartbeat(self, reachable: Callable[[Inbox], bool]) -> None:
+        """Refresh the heartbeat of each inbox that is ``reachable`` (a heartbeat written into
+        a bare mountpoint would create folders there)."""
         for inbox in self.active + self.retiring:
-            inbox.claims.heartbeat()
+            if not reachable(inbox):
+                continue
+            try:
+                inbox.claims.heartbeat()
+            except OSError as exc:
+                log.warning("inbox %s: cannot refresh its heartbeat: %s", inbox.config.name, exc)
 
     def close_retired(self, busy: Callable[[Inbox], bool]) -> None:
         for inbox in list(self.retiring):

@@ -14,11 +14,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from hotfolder import __version__, config, names, publish
+from hotfolder import __version__, config, names, publish, roots
 from hotfolder.claims import Claim
 from hotfolder.inboxes import Inbox
 from hotfolder.jobs import Reason
-from hotfolder.pipeline import Pipeline
+from hotfolder.pipeline import PAUSE_REASONS, Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +39,70 @@ class Outcomes:
         )  # fmt: skip
 
     def release(self, inbox: Inbox, claim: Claim) -> None:
-        """Put an unfinished job's file back in the inbox, as if it had never been taken."""
-        if inbox.claims.release(claim):
+        """Put an unfinished job's file back in the inbox, as if it had never been taken; or
+        keep it aside while its inbox is away (putting it back would create folders in a bare
+        mountpoint)."""
+        if self.pipeline.inbox_away(inbox):
+            self.park(inbox, claim)
+            return
+        try:
+            released = inbox.claims.release(claim)
+        except OSError as exc:
+            if not claim.folder.is_dir():
+                self.drop(inbox, claim, exc)
+                return
+            log.error("%s/%s: cannot be put back (%s)", inbox.config.name,
+                      names.escape(claim.relative), exc)  # fmt: skip
+            self.park(inbox, claim)
+            return
+        if released:
             self.pipeline.journal.forget(claim.job_id)
         else:
             log.warning("%s/%s: a new file took its name; kept for the next start",
                         inbox.config.name, names.escape(claim.relative))  # fmt: skip
+        self.pipeline.count(-1)
+
+    def cannot_continue(self, inbox: Inbox, claim: Claim, exc: OSError, need: int = 0) -> bool:
+        """A job failed on disk: set it aside and pause intake if the machine, not the file, is
+        at fault. ``need``: bytes the job needed. False if ``exc`` is none of those troubles
+        (the caller re-raises it)."""
+        pipeline = self.pipeline
+        away = pipeline.roots_of(inbox.config).away()
+        if away:
+            now = time.monotonic()
+            for root in away:
+                pipeline.hold(root, roots.AWAY, now, 0, exc)
+            self.release(inbox, claim)  # parked instead while the inbox itself is away
+            return True
+        if not claim.folder.is_dir():
+            self.drop(inbox, claim, exc)
+            return True
+        reason = PAUSE_REASONS.get(exc.errno or 0)
+        if reason is None:
+            return False
+        log.error("%s/%s: cannot be finished (%s); the file goes back to the inbox",
+                  inbox.config.name, names.escape(claim.relative), exc)  # fmt: skip
+        pipeline.hold_failing(inbox.config, reason, need, exc)
+        self.release(inbox, claim)
+        return True
+
+    def drop(self, inbox: Inbox, claim: Claim, exc: OSError) -> None:
+        """The job's folder vanished with its file (the inbox was deleted or replaced): there
+        is nothing left to finish or put back."""
+        log.warning("%s/%s: its work folder vanished with the file (inbox deleted?); the job "
+                    "is dropped: %s", inbox.config.name, names.escape(claim.relative),
+                    exc)  # fmt: skip
+        self.pipeline.journal.forget(claim.job_id)
+        self.pipeline.count(-1)
+
+    def park(self, inbox: Inbox, claim: Claim) -> None:
+        """The job's inbox is unreachable: neither finish it nor put it back; wait for it
+        (the intake takes it up again when every folder is back)."""
+        log.warning("%s/%s: its inbox is unreachable; the job waits for it", inbox.config.name,
+                    names.escape(claim.relative))  # fmt: skip
+        self.pipeline.journal.forget(claim.job_id)  # not begun, as far as anyone can tell
+        with self.pipeline.parked_lock:
+            self.pipeline.parked.append((inbox, claim))
         self.pipeline.count(-1)
 
     def reject(
@@ -76,10 +134,17 @@ class Outcomes:
             "version": __version__,
             "job": claim.job_id,
         }
-        claim = decide(inbox, claim, "failed")
-        publish.write_error_report(cfg.errors, claim.archived_as, claim.job_id[:8], report,
-                                   cfg.permissions)  # fmt: skip
-        file_original(cfg, claim)
+        try:
+            claim = decide(inbox, claim, "failed")
+            publish.write_error_report(cfg.errors, claim.archived_as, claim.job_id[:8], report,
+                                       cfg.permissions)  # fmt: skip
+            file_original(cfg, claim)
+        except OSError as exc:
+            if isinstance(exc, publish.RefusedPathError) or not self.cannot_continue(
+                inbox, claim, exc
+            ):
+                raise
+            return
         self.pipeline.metrics.failures.labels(cfg.name, reason.value).inc()
         record = {**(columns or {}), "reason": reason.value, "error": message,
                   "attempts": claim.attempts}  # fmt: skip

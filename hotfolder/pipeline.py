@@ -12,12 +12,14 @@ service and handed to every stage; stages never import the service.
 from __future__ import annotations
 
 import errno
+import logging
 import queue
 import socket
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -28,9 +30,15 @@ from hotfolder.engine import MattingEngine
 from hotfolder.inboxes import Inbox, InboxSet
 from hotfolder.journal import Journal
 from hotfolder.metrics import Metrics
+from hotfolder.roots import Pause, Root, Roots, usable
+
+log = logging.getLogger(__name__)
 
 QUEUE_POLL = 1.0  # a stage waiting for work still steps this often (it proves it is alive)
-PAUSE_SECONDS = 10.0
+PROBE_SECONDS = 1.0  # while paused, each folder that failed is probed this often
+# Free space a folder that ran out must offer again, as a multiple of what the failed job needed:
+# resuming with room for exactly one job would fail the next one and pause again.
+SPACE_MARGIN = 2
 # Errors that say the machine, not the file, is in trouble: stop intake, keep the file.
 PAUSE_REASONS = {
     errno.ENOSPC: "disk_full",
@@ -97,7 +105,12 @@ class Pipeline:
         self.stopping = threading.Event()  # stop taking new work
         self.stop_requested = threading.Event()  # set by signals, or when --once is done
         self.reload_requested = threading.Event()
-        self.paused_until = 0.0  # monotonic; intake claims nothing before it
+        self.pause = Pause(PROBE_SECONDS)  # intake claims nothing while it is active
+        self.roots: dict[tuple[Path, ...], Roots] = {}
+        # Jobs whose inbox went away (share dropped, folder deleted): neither finished nor put
+        # back, until the inbox is reachable again.
+        self.parked: list[tuple[Inbox, Claim]] = []
+        self.parked_lock = threading.Lock()
         self._lock = threading.Lock()
         self.in_flight = 0
         self.failed_files = 0  # this run's, for the exit code of --once
@@ -117,9 +130,30 @@ class Pipeline:
             return self.in_flight
 
     def paused(self) -> bool:
-        return time.monotonic() < self.paused_until
+        return self.pause.active
 
-    def pause(self, reason: str) -> None:
-        """Stop intake for a while: the outbox or an archive folder cannot be written."""
-        self.metrics.paused.labels(reason).set(1)
-        self.paused_until = time.monotonic() + PAUSE_SECONDS
+    # ----- the folders an inbox works in ------------------------------------------------
+
+    def roots_of(self, cfg: config.InboxConfig) -> Roots:
+        """The folders of an inbox, as they were when first seen with these paths."""
+        folders = tuple(f for f in (cfg.path, cfg.outbox, cfg.done, cfg.errors) if f is not None)
+        if folders not in self.roots:
+            self.roots[folders] = Roots(folders)
+        return self.roots[folders]
+
+    def inbox_away(self, inbox: Inbox) -> bool:
+        return any(r.path == inbox.config.path for r in self.roots_of(inbox.config).away())
+
+    def hold(self, root: Root, reason: str, now: float, need: int, why: object) -> None:
+        """Keep intake paused until ``root`` can be written again (with ``need`` bytes free)."""
+        if self.pause.hold(root, reason, now, need):
+            log.error("intake paused (%s): %s: %s; probing it every %.0f s until it can be "
+                      "written", reason, root.path, why, PROBE_SECONDS)  # fmt: skip
+
+    def hold_failing(self, cfg: config.InboxConfig, reason: str, need: int, why: object) -> None:
+        """Pause until every root of the inbox that fails a probe now passes one (all of
+        them, if none fails now: the trouble was fleeting, one probe round confirms it)."""
+        now = time.monotonic()
+        every = self.roots_of(cfg).roots
+        for root in [r for r in every if not usable(r, need)] or every:
+            self.hold(root, reason, now, need, why)

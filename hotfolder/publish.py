@@ -251,7 +251,7 @@ def place_outputs(
     An existing output of the same name is replaced (the caller chose the names).
 
     Raises UnsafePathError for a symbolic link below ``outbox``, OSError for the rest."""
-    staging.mkdir(parents=True, exist_ok=True)
+    staging.mkdir(exist_ok=True)  # in the job's folder, never re-created if it vanished
     staged = []
     for index, (target, data) in enumerate(files):
         path = staging / f"output-{index}"

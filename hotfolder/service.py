@@ -83,6 +83,7 @@ class Service:
 
     def _make_inbox(self, inbox_config: InboxConfig) -> Inbox:
         self.metrics.add_inbox(inbox_config.name)
+        self.pipeline.roots_of(inbox_config)  # their filesystems now, before anything goes wrong
         return Inbox(
             inbox_config,
             self.config.daemon.scan_interval_ms / 1000,

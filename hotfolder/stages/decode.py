@@ -36,13 +36,13 @@ class Decode:
         if isinstance(item, Stop):
             return False
         inbox, claim = item
-        if pipeline.stopping.is_set():
+        if pipeline.stopping.is_set() or pipeline.pause.active:  # paused: decode nothing
             self.outcomes.release(inbox, claim)
             return True
         decoded = self.decode(inbox, claim)
         if decoded is None:
             return True
-        while not pipeline.stopping.is_set():
+        while not pipeline.stopping.is_set() and not pipeline.pause.active:
             try:
                 pipeline.decoded.put(decoded, timeout=0.2)
                 return True
@@ -65,6 +65,10 @@ class Decode:
         except ImageError as exc:
             if not self.still_arriving(inbox, claim, exc):
                 self.outcomes.reject(inbox, claim, exc.reason, exc.message)
+            return None
+        except OSError as exc:  # the inbox's share dropped, a disk error
+            if not self.outcomes.cannot_continue(inbox, claim, exc):
+                raise
             return None
         if self.still_arriving(inbox, claim):
             return None

@@ -51,6 +51,10 @@ class Infer:
                 self.outcomes.release(decoded.inbox, decoded.claim)
             stopped = self.release_waiting() or stopped
             return not stopped
+        if pipeline.pause.active:  # nothing goes through the model that could not be published
+            for decoded in batch:
+                self.outcomes.release(decoded.inbox, decoded.claim)
+            return not stopped
         for inferred in self.infer(batch):
             pipeline.inferred.put(inferred)
         return not stopped

@@ -17,7 +17,7 @@ from dataclasses import replace
 
 import torch
 
-from hotfolder import config, memory, names
+from hotfolder import config, memory, names, roots
 from hotfolder.claims import Claim
 from hotfolder.inboxes import Inbox
 from hotfolder.jobs import Reason
@@ -56,9 +56,11 @@ class Intake:
             for ready in inbox.watcher.step(now):
                 self.ready.append((inbox, ready))
         self.scanned_once = True
-        if now >= pipeline.paused_until:
-            for reason in PAUSE_REASONS.values():
-                pipeline.metrics.paused.labels(reason).set(0)
+        self.check_roots(now)
+        if pipeline.pause.active:
+            self.probe(now)
+        self.show_pause()
+        if not pipeline.pause.active:
             self.feed_claims()
         if now >= self.next_housekeeping:
             self.next_housekeeping = now + HOUSEKEEPING_SECONDS
@@ -75,7 +77,16 @@ class Intake:
             pipeline.claims.put(pipeline.recovered.popleft())
         while self.ready and not pipeline.claims.full():
             inbox, ready = self.ready.popleft()
-            claim = inbox.claims.claim(ready.relative, ready.detected_at)
+            if pipeline.roots_of(inbox.config).away():
+                self.ready.appendleft((inbox, ready))
+                return  # the next step pauses intake for it
+            try:
+                claim = inbox.claims.claim(ready.relative, ready.detected_at)
+            except OSError as exc:  # the work folder cannot be written: the disk, not the file
+                reason = PAUSE_REASONS.get(exc.errno or 0, roots.AWAY)
+                pipeline.hold_failing(inbox.config, reason, 0, exc)
+                self.ready.appendleft((inbox, ready))
+                return
             inbox.watcher.done(ready.relative)
             if claim is None:
                 continue  # gone, or another daemon took it
@@ -139,7 +150,7 @@ class Intake:
     def housekeeping(self) -> None:
         pipeline = self.pipeline
         self.observe_backlog()
-        pipeline.inboxes.heartbeat()
+        pipeline.inboxes.heartbeat(lambda inbox: not pipeline.inbox_away(inbox))
         pipeline.inboxes.close_retired(lambda inbox: inbox.claims.has_jobs())
         for inbox in pipeline.inboxes.active:
             cfg = inbox.config
@@ -172,6 +183,57 @@ class Intake:
             name, key = inbox.config.name, id(inbox)
             pipeline.metrics.pending.labels(name).set(len(inbox.watcher.pending) + waiting[key])
             pipeline.metrics.oldest_pending.labels(name).set(now - oldest[key])
+
+    # ----- pausing -----------------------------------------------------------------------
+
+    def check_roots(self, now: float) -> None:
+        """A root that went away (share dropped, folder deleted) pauses intake until it is back:
+        nothing is claimed from, or created in, a bare mountpoint."""
+        pipeline = self.pipeline
+        for inbox in pipeline.inboxes.active:
+            for root in pipeline.roots_of(inbox.config).away():
+                why = "missing, or not the filesystem it was on"
+                pipeline.hold(root, roots.AWAY, now, 0, why)
+
+    def probe(self, now: float) -> None:
+        pipeline = self.pipeline
+        for root in pipeline.pause.probe_due(now):
+            log.info("%s can be written again", root.path)
+        if not pipeline.pause.active:
+            log.info("intake resumed")
+            self.unpark()
+
+    def show_pause(self) -> None:
+        held = self.pipeline.pause.reasons()
+        for reason in set(PAUSE_REASONS.values()):
+            self.pipeline.metrics.paused.labels(reason).set(int(reason in held))
+
+    def unpark(self) -> None:
+        """Every root is back: each parked job is finished if its outcome was recorded, else
+        its file goes back to the inbox, as its job folder now says. A job whose folder did not
+        come back (a fresh share) is forgotten."""
+        pipeline = self.pipeline
+        with pipeline.parked_lock:
+            parked, pipeline.parked = pipeline.parked, []
+        for inbox in pipeline.inboxes.active:
+            if not pipeline.inbox_away(inbox):
+                with contextlib.suppress(OSError):
+                    inbox.claims.open()  # a share back without our work folder needs it again
+        for inbox, claim in parked:
+            current = inbox.claims.reread(claim)
+            if current is None:
+                log.warning("%s/%s: its job did not come back with the inbox", inbox.config.name,
+                            names.escape(claim.relative))  # fmt: skip
+                continue
+            if not current.outcome:
+                pipeline.count(+1)
+                self.outcomes.release(inbox, current)
+                continue
+            try:
+                self._resume(inbox, current)  # file the original where its outcome sends it
+            except OSError as exc:
+                if not self.outcomes.cannot_continue(inbox, current, exc):
+                    raise
 
     # ----- SIGHUP ------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ when the outbox or archive cannot be written, the file goes back and intake paus
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -16,7 +17,7 @@ from hotfolder.collect import Stop
 from hotfolder.inboxes import Inbox
 from hotfolder.jobs import ImageError, Reason
 from hotfolder.outcomes import Outcomes, decide, file_original
-from hotfolder.pipeline import PAUSE_REASONS, PAUSE_SECONDS, QUEUE_POLL, Inferred, Pipeline
+from hotfolder.pipeline import QUEUE_POLL, SPACE_MARGIN, Inferred, Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ class Publish:
         pause when the outbox or archive cannot be written (other OSErrors propagate)."""
         decoded = item.decoded
         inbox, claim = decoded.inbox, decoded.claim
+        if self.pipeline.pause.active:  # not even encoded: it goes back, for after the pause
+            self.outcomes.release(inbox, claim)
+            return
         inbox.claims.note(ENCODE, [claim])
         inference = {"inferred_at": item.inferred_at, "batch_size": item.batch_size,
                      "device": str(self.pipeline.engine.device)}  # fmt: skip
@@ -75,10 +79,10 @@ class Publish:
             self.outcomes.reject(inbox, claim, Reason.NAME_COLLISION, message, inference)
             return
         except OSError as exc:
-            if exc.errno not in PAUSE_REASONS:
-                raise
+            need = SPACE_MARGIN * (sum(len(data) for data in rendered) + claim.size)
             self.release_names(inbox, claim, files)
-            self.pause(inbox, claim, exc)
+            if not self.outcomes.cannot_continue(inbox, claim, exc, need):
+                raise
             return
         published = time.monotonic()
         self.pipeline.metrics.stage.labels("publish").observe(published - encoded)
@@ -123,16 +127,12 @@ class Publish:
         cfg = inbox.config
         publish.place_outputs(files, cfg.outbox, claim.folder / "outputs", cfg.permissions)
         claim = decide(inbox, claim, "success")
-        file_original(cfg, claim)
+        try:
+            file_original(cfg, claim)
+        except OSError:
+            # The original did not move: its record must not say the job succeeded, or a later
+            # start would journal a success whose original never reached done/.
+            with contextlib.suppress(OSError):
+                inbox.claims.record_outcome(claim, "")
+            raise
         return claim
-
-    def pause(self, inbox: Inbox, claim: Claim, exc: OSError) -> None:
-        """The outbox or archive cannot be written: keep the file, stop taking new ones for a
-        while, and try again then."""
-        reason = PAUSE_REASONS[exc.errno or 0]
-        log.error("%s/%s: cannot publish (%s); intake paused for %.0f s, the file is kept",
-                  inbox.config.name, names.escape(claim.relative), exc, PAUSE_SECONDS)  # fmt: skip
-        self.pipeline.pause(reason)
-        if claim.outcome:
-            claim = inbox.claims.record_outcome(claim, "")
-        self.outcomes.release(inbox, claim)
