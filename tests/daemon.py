@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -95,9 +96,19 @@ class Site:
         return [f for f in self.files(self.inbox) if not f.startswith(".hotfolder")]
 
     def rows(self) -> list[dict[str, object]]:
-        with sqlite3.connect(self.journal) as db:
+        """Every job row; none while the daemon has not created its journal yet. Read-only
+        and closed at once, so that polling it never stands in the daemon's way."""
+        if not self.journal.exists():
+            return []
+        uri = f"{self.journal.as_uri()}?mode=ro"
+        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=30)) as db:
             db.row_factory = sqlite3.Row
-            return [dict(r) for r in db.execute("SELECT * FROM jobs")]
+            try:
+                return [dict(r) for r in db.execute("SELECT * FROM jobs")]
+            except sqlite3.OperationalError as exc:
+                if "no such table" in str(exc):  # created, its schema not written yet
+                    return []
+                raise
 
 
 def photo_jpegs(photos: dict[str, np.ndarray], count: int, size: int = 96) -> list[bytes]:

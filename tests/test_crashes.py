@@ -37,12 +37,14 @@ def test_repeated_kill_9_sends_no_good_photo_to_errors(
         corpus.write(site.inbox, name, data)
     log = site.root / "log"
     kills = 0
-    for _ in range(5):
+    for attempt in range(5):
         before = published(site)
         if before >= 50:
             break
         daemon = start(site.config, log=log)
         try:
+            starts = attempt + 1
+            wait_for(lambda n=starts: log.read_bytes().count(b" serving ") >= n, 120, "start")
             # Kill once this daemon has published a couple of files: its pipeline is full then.
             wait_for(lambda b=before: published(site) >= b + 2, 120, "files published")
         finally:
