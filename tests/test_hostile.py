@@ -61,6 +61,8 @@ def image_cases(photos: dict[str, np.ndarray]) -> list[Case]:
     animated = corpus.encoded(Image.fromarray(coffee), "GIF", save_all=True,
                               append_images=[Image.fromarray(coffee[::-1].copy())])  # fmt: skip
 
+    huge = corpus.encoded(Image.new("RGB", (10_000, 10_000), (200, 30, 40)), "JPEG")
+
     def unreadable(path: Path) -> None:
         path.write_bytes(photo)
         path.chmod(0)
@@ -103,6 +105,7 @@ def image_cases(photos: dict[str, np.ndarray]) -> list[Case]:
             PUBLISHED,
         ),
         Case(b"gray.jpg", data_file(corpus.jpeg(gray)), PUBLISHED),
+        Case(b"real-100mp.jpg", data_file(huge), "too_many_pixels"),  # over limits.max_pixels
         Case(b"palette.png", data_file(corpus.encoded(palette, "PNG")), PUBLISHED),
         Case(b"rgba.png", data_file(corpus.png(rgba)), PUBLISHED),
         Case(b"animated.gif", data_file(animated), "unsupported_format"),
@@ -136,8 +139,10 @@ def finished(site: Site, count: int) -> bool:
 def test_every_name_and_kind_ends_right_and_the_daemon_stays_up(
     site: Site, photos: dict[str, np.ndarray]
 ) -> None:
-    # Empty and cut-short files are refused once unchanged for the grace time.
-    site.write_config(settle_ms=100, inbox={"incomplete_grace_ms": 1000})
+    # Empty and cut-short files are refused once unchanged for the grace time; a real 100 MP
+    # photo is over this config's pixel limit.
+    site.write_config(settle_ms=100, inbox={"incomplete_grace_ms": 1000},
+                      limits={"max_pixels": 50_000_000})  # fmt: skip
     log = site.root / "log"
     daemon = start(site.config, "--log-format", "json", log=log, prefix=without_root_powers())
     good = photo_jpegs(photos, 1, size=64)[0]
