@@ -85,12 +85,17 @@ class Site:
         return self.config
 
     def files(self, folder: Path) -> list[str]:
-        """Relative paths of every file (not folder) under ``folder``, hidden ones included."""
-        if not folder.exists():
-            return []
-        return sorted(
-            str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() or p.is_symlink()
-        )
+        """Relative paths of every file and link (not folder) under ``folder``, hidden ones
+        included. A folder the daemon deletes while it is listed (a finished job's) is skipped,
+        as os.walk does, instead of failing the listing."""
+        found = []
+        for parent, folders, names in os.walk(folder):
+            links = [f for f in folders if os.path.islink(os.path.join(parent, f))]
+            for name in [*names, *links]:
+                path = Path(parent, name)
+                if path.is_file() or path.is_symlink():
+                    found.append(str(path.relative_to(folder)))
+        return sorted(found)
 
     def visible_inbox_files(self) -> list[str]:
         return [f for f in self.files(self.inbox) if not f.startswith(".hotfolder")]
