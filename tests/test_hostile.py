@@ -10,6 +10,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -173,6 +175,7 @@ def test_every_name_and_kind_ends_right_and_the_daemon_stays_up(
     check_published(site, cases)
     check_rejected(site, cases)
     check_logs(log)
+    check_history(site)
 
 
 def check_published(site: Site, cases: list[Case]) -> None:
@@ -213,6 +216,17 @@ def check_rejected(site: Site, cases: list[Case]) -> None:
     for case in cases:
         if case.expect != PUBLISHED:
             assert os.path.lexists(site.errors / relative(case)), case.name
+
+
+def check_history(site: Site) -> None:
+    """`hotfolder history` shows the names escaped, one job a line."""
+    command = [sys.executable, "-m", "hotfolder", "history", "--config", str(site.config),
+               "--limit", "200"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, check=True, timeout=120)
+    text = result.stdout.decode("utf-8")  # valid UTF-8, whatever the names
+    assert "caf\\xe9.jpg" in text
+    assert "line\\x0abreak.jpg" in text
+    assert len(text.splitlines()) == len(site.rows()) + 1  # a header, then a line per job
 
 
 def check_logs(log: Path) -> None:
