@@ -88,6 +88,9 @@ JPEG_STANDALONE = {0x01, *range(0xD0, 0xD8)}
 ZERO_RUN = 64
 
 
+LEADING_ZEROS = 16  # bytes
+
+
 def looks_incomplete(data: bytes) -> ImageError | None:
     """Whether these bytes look like the start of a file that is still being written, and
     the error the file deserves if it never changes again; None when they look whole.
@@ -103,6 +106,10 @@ def looks_incomplete(data: bytes) -> ImageError | None:
         return ImageError(Reason.EMPTY, "is empty (0 bytes)")
     if data[0] == 0 and data.count(0) == len(data):
         return ImageError(Reason.EMPTY, f"holds only zero bytes ({len(data)})")
+    if data.startswith(bytes(LEADING_ZEROS)):
+        # No image format starts so; a copy that writes out of order (segmented downloads,
+        # SMB writes completing out of order) leaves the start unwritten for a while.
+        return ImageError(Reason.CORRUPT, "starts with zero bytes: not written from the start yet")
     if data.startswith(JPEG_SOI) or data == JPEG_SOI[:1]:
         missing = _jpeg_missing(data)
     elif data.startswith(PNG_SIGNATURE) or PNG_SIGNATURE.startswith(data):

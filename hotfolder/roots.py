@@ -151,6 +151,13 @@ class Pause:
             self._blocked[root] = Blocked(reason, need, now + self.interval)
             return True
 
+    def keep_only(self, roots: Iterable[Root]) -> None:
+        """Forget the held roots that are not among ``roots`` (a reload stopped using them)."""
+        keep = set(roots)
+        with self._lock:
+            for root in [r for r in self._blocked if r not in keep]:
+                del self._blocked[root]
+
     def probe_due(self, now: float) -> list[Root]:
         """Probe each held root whose time has come; release and return those that pass.
         Intake may resume once :attr:`active` is false."""

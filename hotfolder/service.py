@@ -107,6 +107,7 @@ class Service:
         self.inboxes.start(self.config.inboxes)
         if self.server is not None:
             self.server.start()
+        self.intake.probe_folders()
         self.intake.recover()
         try:
             self._run_suspects()

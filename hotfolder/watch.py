@@ -187,7 +187,9 @@ class InboxWatcher:
         self.warned: set[tuple[Path, str]] = set()
 
     def start(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Watch the inbox folder, which must exist: it is never created here, since a share
+        that dropped leaves a bare mountpoint where it would be (the config check creates the
+        folders once, at start). Raises FileNotFoundError if it is missing."""
         self.root_inode = self.root.stat().st_ino
         if self.observe:
             _quiet_harmless_watchdog_noise()
@@ -227,12 +229,22 @@ class InboxWatcher:
         return min((p.detected_at for p in self.pending.values()), default=None)
 
     def restart_observer(self) -> None:
+        """Watch the folder again once it is back; until then (a share away, the folder
+        deleted) wait, and let the intake's pause keep files from being taken."""
+        if not self.root.is_dir():
+            self._warn_once(self.root, "the inbox folder is gone; waiting for it to come back")
+            return
         log.warning(
             "inbox %s: watcher stopped (folder gone or replaced); restarting it", self.config.name
         )
         self.stop()
         self.on_restart()
-        self.start()
+        try:
+            self.start()
+        except OSError as exc:  # gone again in between
+            self._warn_once(self.root, f"cannot watch the inbox folder ({exc.strerror})")
+            return
+        self.warned.discard((self.root, "the inbox folder is gone; waiting for it to come back"))
         self.hints.put((RESCAN, ""))
 
     def step(self, now: float) -> list[Ready]:

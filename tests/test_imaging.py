@@ -312,3 +312,14 @@ def test_empty_and_all_zero_files_look_incomplete() -> None:
         assert problem is not None
         assert problem.reason == Reason.EMPTY
         assert problem.message.startswith(words)
+
+
+def test_a_file_written_end_first_looks_incomplete(photo: np.ndarray) -> None:
+    """A copy that writes out of order (segmented downloads, SMB writes completing out of
+    order) has its end before its start: no format begins with zeros, so it waits."""
+    for name, data in whole_files(photo).items():
+        end_first = bytes(len(data) // 2) + data[len(data) // 2 :]
+        unfinished = imaging.looks_incomplete(end_first)
+        assert unfinished is not None, name
+        assert unfinished.reason == Reason.CORRUPT
+        assert "starts with zero bytes" in unfinished.message

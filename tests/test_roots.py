@@ -85,3 +85,15 @@ def test_a_held_folder_is_released_once_it_is_back(tmp_path: Path) -> None:
     folder.mkdir()
     assert pause.probe_due(now=2.0) == [root]
     assert not pause.active
+
+
+def test_a_reload_forgets_the_pause_of_a_folder_no_longer_used(tmp_path: Path) -> None:
+    old, new = tmp_path / "old-outbox", tmp_path / "new-outbox"
+    old.mkdir()
+    new.mkdir()
+    pause = Pause(interval=1.0)
+    pause.hold(Root.of(old), "disk_full", now=0.0, need=2**62)
+    pause.keep_only([Root.of(old)])
+    assert pause.active
+    pause.keep_only([Root.of(new)])
+    assert not pause.active

@@ -21,6 +21,7 @@ def watcher(
         errors=tmp_path / "err", settle_ms=settle_ms, recursive=recursive,
         incomplete_grace_ms=grace_ms, outputs=(recipes.Output(recipes.Kind.CUTOUT),),
     )  # fmt: skip
+    config.path.mkdir(exist_ok=True)
     w = InboxWatcher(config, scan_interval=10.0, observe=False)
     w.start()
     return w
@@ -236,5 +237,30 @@ def test_watchdog_reports_opens_and_closes_of_local_writers(tmp_path: Path) -> N
             assert time.monotonic() < deadline, "the close was not seen"
             time.sleep(0.01)
         assert ready == ["slow.jpg"]
+    finally:
+        w.stop()
+
+
+def test_a_watcher_never_creates_its_inbox_folder(tmp_path: Path) -> None:
+    """A share that dropped leaves a bare mountpoint: the watcher waits for the folder to come
+    back instead of making one there, and watches it again once it is back."""
+    config = InboxConfig(
+        name="t", path=tmp_path / "share" / "in", outbox=tmp_path / "out", done=None,
+        errors=tmp_path / "err", outputs=(recipes.Output(recipes.Kind.CUTOUT),),
+    )  # fmt: skip
+    config.path.mkdir(parents=True)
+    w = InboxWatcher(config, scan_interval=10.0, observe=True)
+    w.start()
+    try:
+        assert w.healthy()
+        (tmp_path / "share" / "in").rmdir()
+        (tmp_path / "share").rmdir()
+        for step in range(3):
+            w.step(float(step))
+        assert not (tmp_path / "share").exists()
+        assert not w.healthy()
+        config.path.mkdir(parents=True)  # the share is back
+        w.step(10.0)
+        assert w.healthy()
     finally:
         w.stop()

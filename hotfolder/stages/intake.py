@@ -195,6 +195,21 @@ class Intake:
                 why = "missing, or not the filesystem it was on"
                 pipeline.hold(root, roots.AWAY, now, 0, why)
 
+    def probe_folders(self) -> None:
+        """At start: every folder of every inbox must take a write before intake opens, so a
+        daemon restarted while the disk is still full stays paused instead of claiming,
+        decoding and failing to publish first."""
+        pipeline, now = self.pipeline, time.monotonic()
+        for inbox in pipeline.inboxes.active:
+            for root in pipeline.roots_of(inbox.config).roots:
+                error = roots.probe(root.path) if root.present() else None
+                if not root.present():
+                    pipeline.hold(root, roots.AWAY, now, 0, "missing")
+                elif error is not None:
+                    reason = PAUSE_REASONS.get(error.errno or 0, roots.AWAY)
+                    pipeline.hold(root, reason, now, 0, error)
+        self.show_pause()
+
     def probe(self, now: float) -> None:
         pipeline = self.pipeline
         for root in pipeline.pause.probe_due(now):
@@ -260,6 +275,9 @@ class Intake:
         pipeline.config = replace(new, **{s: getattr(running, s) for s in RESTART_ONLY})
         pipeline.inboxes.apply(new.inboxes)
         self.ready = deque((i, r) for i, r in self.ready if i in pipeline.inboxes.active)
+        in_use = pipeline.inboxes.active + pipeline.inboxes.retiring
+        # A pause on a folder no inbox uses any more would never lift.
+        pipeline.pause.keep_only(r for i in in_use for r in pipeline.roots_of(i.config).roots)
         metrics.reloads.labels("success").inc()
         metrics.reload_ok.set(1)
         log.info("config reloaded from %s: %d inbox(es)", source, len(pipeline.inboxes.active))
