@@ -7,6 +7,7 @@ publish, and resume by itself, losing and repeating nothing. Every wait is a pol
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
@@ -224,3 +225,33 @@ def test_an_inbox_deleted_with_files_in_flight_never_stops_the_daemon(
     assert_no_success_without_original(site)
     archived = site.files(site.done)
     assert set(archived) <= {*names, "after.jpg"}, "an original archived twice"
+
+
+def test_a_daemon_started_while_the_disk_is_full_starts_paused(
+    site: Site, photos: dict[str, np.ndarray], small_outbox: Path
+) -> None:
+    """Restarted (kill -9, a reboot) while the outbox is still full: it never reports ready,
+    claims or decodes anything until space is back."""
+    site.write_config()
+    filler = small_outbox / ".filler"
+    # Fill the outbox's filesystem to the last block.
+    with filler.open("wb") as f, contextlib.suppress(OSError):
+        while True:
+            f.write(bytes(64 * 1024))
+            f.flush()
+    names = drop(site.inbox, photo_jpegs(photos, 6, size=256))
+    log = site.root / "log"
+    daemon = start(site.config, log=log)
+    try:
+        url = metrics_url(log)
+        wait_serving(log)
+        samples = watch_paused(url, "disk_full", 5.0)
+        assert all(is_paused for is_paused, _ in samples), "intake open while the disk was full"
+        assert {ready for _, ready in samples} == {503}, "ready while the disk was full"
+        assert decodes(scrape(url)[0]) == 0
+        assert site.visible_inbox_files() == names  # nothing claimed
+        filler.unlink()
+        wait_for(lambda: site.files(site.done) == names, 120, "every file published", 0.5)
+    finally:
+        assert stop(daemon) == 0
+    assert_published_once(site, names)
