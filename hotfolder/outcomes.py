@@ -7,6 +7,7 @@ claim modules, so that no stage needs another, and none needs the service.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -44,6 +45,14 @@ class Outcomes:
         mountpoint)."""
         if self.pipeline.inbox_away(inbox):
             self.park(inbox, claim)
+            return
+        if claim.solo:
+            # Back in the inbox it would be taken in a batch with good photos and lose its
+            # crash count; its job folder keeps both until the next start retries it alone.
+            log.warning("%s/%s: kept in its work folder for the next start, which retries it "
+                        "alone (it was in work when a daemon stopped)", inbox.config.name,
+                        names.escape(claim.relative))  # fmt: skip
+            self.pipeline.count(-1)
             return
         try:
             released = inbox.claims.release(claim)
@@ -140,9 +149,13 @@ class Outcomes:
                                        cfg.permissions)  # fmt: skip
             file_original(cfg, claim)
         except OSError as exc:
-            if isinstance(exc, publish.RefusedPathError) or not self.cannot_continue(
-                inbox, claim, exc
-            ):
+            if isinstance(exc, publish.RefusedPathError):
+                raise
+            if claim.outcome and os.path.lexists(claim.source):
+                # Not filed after all: a later start must not file it without its report.
+                with contextlib.suppress(OSError):
+                    claim = inbox.claims.record_outcome(claim, "")
+            if not self.cannot_continue(inbox, claim, exc):
                 raise
             return
         self.pipeline.metrics.failures.labels(cfg.name, reason.value).inc()

@@ -114,6 +114,7 @@ class Pipeline:
         self._lock = threading.Lock()
         self.in_flight = 0
         self.failed_files = 0  # this run's, for the exit code of --once
+        self.blocked = False  # --once stopped because intake was paused
 
     def count(self, delta: int) -> None:
         """One more (or fewer) file between claim and archive."""

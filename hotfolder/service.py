@@ -128,6 +128,8 @@ class Service:
         if self.fatal is not None:
             log.critical("stopped because a stage failed: %r", self.fatal)
             return EXIT_FAILED
+        if self.once and self.pipeline.blocked:
+            return EXIT_FAILED
         if self.once and self.pipeline.failed_files:
             log.warning("%d file(s) failed, see the errors folders", self.pipeline.failed_files)
             return EXIT_FAILED

@@ -7,9 +7,11 @@ the process with SIGKILL when it enters the model, as a GPU fault or a driver bu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import signal
+import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -142,3 +144,43 @@ def test_activity_log_of_a_dead_owner_blames_only_suspects(tmp_path: Path) -> No
     assert (adopted["in-model.jpg"].solo, adopted["in-model.jpg"].crashes) == (True, 0)
     assert (adopted["encoding.jpg"].solo, adopted["encoding.jpg"].crashes) == (True, 0)
     assert (adopted["suspect-again.jpg"].solo, adopted["suspect-again.jpg"].crashes) == (True, 1)
+
+
+def test_a_killer_keeps_its_crash_count_while_errors_is_full(
+    site: Site, photos: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its time to go to errors/ comes while errors/ is full: it is kept, alone and counted,
+    for a later start, never put back in line with good photos to kill the daemon again."""
+    site.write_config(settle_ms=100, batching={"max_batch_size": 8, "max_wait_ms": 500},
+                      daemon={"max_attempts": 2, "workers": 2})  # fmt: skip
+    site.errors.mkdir(parents=True)
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(site.errors)],
+                           capture_output=True, text=True)  # fmt: skip
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    try:
+        images = photo_jpegs(photos, 4)
+        names = [f"good-{i}.jpg" for i in range(3)]
+        for name, data in zip(names, images[:3], strict=True):
+            corpus.write(site.inbox, name, data)
+        corpus.write(site.inbox, "killer.jpg", images[3])
+        monkeypatch.setenv("HOTFOLDER_FAULT_KILL_IN_MODEL", "killer")
+        log = site.root / "log"
+        # In a batch (not charged), then alone twice (charged twice).
+        codes = [run_once(site.config, log) for _ in range(3)]
+        assert codes == [-signal.SIGKILL] * 3
+        filler = site.errors / ".filler"
+        with filler.open("wb", buffering=0) as f, contextlib.suppress(OSError):
+            while True:
+                f.write(bytes(4096))
+        # Its refusal cannot be written: it is kept in the work folder, counted; this run
+        # stops paused (exit 1) with nothing lost.
+        assert run_once(site.config, log) == 1
+        assert "killer.jpg" not in site.visible_inbox_files()
+        filler.unlink()
+        assert run_once(site.config, log) == 1  # it goes to errors/, alone: no more kills
+        report = json.loads((site.errors / "killer.jpg.error.json").read_text())
+        assert report["reason"] == "repeated_failure"
+        assert site.files(site.done) == names
+    finally:
+        subprocess.run(["umount", "-l", str(site.errors)], check=False)

@@ -235,10 +235,9 @@ def test_a_daemon_started_while_the_disk_is_full_starts_paused(
     site.write_config()
     filler = small_outbox / ".filler"
     # Fill the outbox's filesystem to the last block.
-    with filler.open("wb") as f, contextlib.suppress(OSError):
+    with filler.open("wb", buffering=0) as f, contextlib.suppress(OSError):
         while True:
             f.write(bytes(64 * 1024))
-            f.flush()
     names = drop(site.inbox, photo_jpegs(photos, 6, size=256))
     log = site.root / "log"
     daemon = start(site.config, log=log)

@@ -65,7 +65,7 @@ class Intake:
         if now >= self.next_housekeeping:
             self.next_housekeeping = now + HOUSEKEEPING_SECONDS
             self.housekeeping()
-        if pipeline.once and self.idle():
+        if pipeline.once and (self.blocked() or self.idle()):
             pipeline.stop_requested.set()
             return False
         time.sleep(INTAKE_TICK)
@@ -92,6 +92,18 @@ class Intake:
                 continue  # gone, or another daemon took it
             self.outcomes.begin(claim)
             pipeline.claims.put((inbox, claim))
+
+    def blocked(self) -> bool:
+        """``--once`` cannot go on: intake is paused (a disk full, a share away) and nothing is
+        in flight. It stops rather than wait, and says so in its exit code (1): a cron job
+        tries again later, when the files are still in the inbox."""
+        pipeline = self.pipeline
+        if not pipeline.pause.active or pipeline.busy():
+            return False
+        reasons = ", ".join(sorted(pipeline.pause.reasons()))
+        log.error("stopping: intake is paused (%s); the files stay in the inbox", reasons)
+        pipeline.blocked = True
+        return True
 
     def idle(self) -> bool:
         pipeline = self.pipeline
