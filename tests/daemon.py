@@ -12,11 +12,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -114,6 +115,21 @@ class Site:
                 if "no such table" in str(exc):  # created, its schema not written yet
                     return []
                 raise
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (e.g. "3m") mounted on ``folder`` for the block, unmounted after;
+    it needs root, as CI has, and skips the test elsewhere."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                           capture_output=True, text=True)  # fmt: skip
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 def photo_jpegs(photos: dict[str, np.ndarray], count: int, size: int = 96) -> list[bytes]:

@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import json
 import signal
-import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -19,7 +18,17 @@ import numpy as np
 import pytest
 
 from . import corpus
-from .daemon import Site, kill, photo_jpegs, run_once, start, stop, wait_for, wait_serving
+from .daemon import (
+    Site,
+    kill,
+    photo_jpegs,
+    run_once,
+    start,
+    stop,
+    tmpfs,
+    wait_for,
+    wait_serving,
+)
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(600)]
 
@@ -153,12 +162,7 @@ def test_a_killer_keeps_its_crash_count_while_errors_is_full(
     for a later start, never put back in line with good photos to kill the daemon again."""
     site.write_config(settle_ms=100, batching={"max_batch_size": 8, "max_wait_ms": 500},
                       daemon={"max_attempts": 2, "workers": 2})  # fmt: skip
-    site.errors.mkdir(parents=True)
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(site.errors)],
-                           capture_output=True, text=True)  # fmt: skip
-    if mount.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
-    try:
+    with tmpfs(site.errors, "64k"):
         images = photo_jpegs(photos, 4)
         names = [f"good-{i}.jpg" for i in range(3)]
         for name, data in zip(names, images[:3], strict=True):
@@ -182,5 +186,3 @@ def test_a_killer_keeps_its_crash_count_while_errors_is_full(
         report = json.loads((site.errors / "killer.jpg.error.json").read_text())
         assert report["reason"] == "repeated_failure"
         assert site.files(site.done) == names
-    finally:
-        subprocess.run(["umount", "-l", str(site.errors)], check=False)

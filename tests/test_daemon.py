@@ -31,6 +31,7 @@ from .daemon import (
     run_once,
     start,
     stop,
+    tmpfs,
     wait_for,
     wait_serving,
 )
@@ -374,15 +375,8 @@ def test_a_job_killed_while_archiving_keeps_its_original(
 @pytest.fixture
 def tiny_outbox(site: Site) -> Iterator[Path]:
     """The outbox on a 4 KiB tmpfs (needs root, as CI has): writes fail with ENOSPC."""
-    site.outbox.mkdir(parents=True)
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(site.outbox)],
-                           capture_output=True, text=True)  # fmt: skip
-    if mount.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
-    try:
-        yield site.outbox
-    finally:
-        subprocess.run(["umount", "-l", str(site.outbox)], check=False)
+    with tmpfs(site.outbox, "4k") as outbox:
+        yield outbox
 
 
 def test_full_outbox_pauses_intake_and_loses_nothing(

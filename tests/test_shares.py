@@ -31,6 +31,7 @@ from .daemon import (
     photo_jpegs,
     start,
     stop,
+    tmpfs,
     wait_for,
     wait_serving,
 )
@@ -91,15 +92,8 @@ def assert_published_once(site: Site, names: list[str]) -> None:
 @pytest.fixture
 def small_outbox(site: Site) -> Iterator[Path]:
     """The outbox on a 3 MB tmpfs (needs root, as CI has): it fills up long before 100 files."""
-    site.outbox.mkdir(parents=True)
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(site.outbox)],
-                           capture_output=True, text=True)  # fmt: skip
-    if mount.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
-    try:
-        yield site.outbox
-    finally:
-        subprocess.run(["umount", "-l", str(site.outbox)], check=False)
+    with tmpfs(site.outbox, "3m") as outbox:
+        yield outbox
 
 
 def test_a_full_disk_keeps_intake_paused_until_space_is_back(
