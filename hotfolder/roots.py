@@ -94,6 +94,24 @@ def probe(folder: Path, need: int = 0) -> OSError | None:
     return None
 
 
+def looks_writable(folder: Path, need: int = PROBE_BYTES) -> OSError | None:
+    """None if ``folder`` looks writable without writing anything in it (mounted read-write,
+    ``need`` bytes free, write permission), else the error a write would meet. For the check
+    at start, which must leave no file behind in an outbox that readers watch."""
+    try:
+        stats = os.statvfs(folder)
+    except OSError as exc:
+        return exc
+    if stats.f_flag & os.ST_RDONLY:
+        return OSError(errno.EROFS, "mounted read-only", str(folder))
+    free = stats.f_bavail * stats.f_frsize
+    if free < need:
+        return OSError(errno.ENOSPC, f"{free} bytes free, {need} needed", str(folder))
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return OSError(errno.EACCES, "no write permission", str(folder))
+    return None
+
+
 def _write_probe(folder: Path) -> None:
     path = folder / f"{PROBE_PREFIX}{secrets.token_hex(4)}"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -97,3 +97,13 @@ def test_a_reload_forgets_the_pause_of_a_folder_no_longer_used(tmp_path: Path) -
     assert pause.active
     pause.keep_only([Root.of(new)])
     assert not pause.active
+
+
+def test_the_check_at_start_writes_nothing(tmp_path: Path) -> None:
+    from hotfolder.roots import looks_writable
+
+    assert looks_writable(tmp_path) is None
+    full = looks_writable(tmp_path, need=2**62)  # no filesystem has this much free
+    assert full is not None
+    assert full.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []

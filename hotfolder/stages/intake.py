@@ -208,13 +208,14 @@ class Intake:
                 pipeline.hold(root, roots.AWAY, now, 0, why)
 
     def probe_folders(self) -> None:
-        """At start: every folder of every inbox must take a write before intake opens, so a
+        """At start: every folder of every inbox must look writable before intake opens, so a
         daemon restarted while the disk is still full stays paused instead of claiming,
-        decoding and failing to publish first."""
+        decoding and failing to publish first. Nothing is written: readers of the outbox must
+        never see a stray file (the probe that writes runs only once something failed)."""
         pipeline, now = self.pipeline, time.monotonic()
         for inbox in pipeline.inboxes.active:
             for root in pipeline.roots_of(inbox.config).roots:
-                error = roots.probe(root.path) if root.present() else None
+                error = roots.looks_writable(root.path) if root.present() else None
                 if not root.present():
                     pipeline.hold(root, roots.AWAY, now, 0, "missing")
                 elif error is not None:
