@@ -178,7 +178,9 @@ def test_a_share_that_vanishes_pauses_intake_until_it_is_back(
         url = metrics_url(log)
         wait_for(lambda: site.files(site.done), 240, "the first file published", 0.5)
         in_namespace("umount", "-l", str(site.inbox))  # the share drops with files in flight
+        # /readyz turns 503 a moment before the pause's reason is exported: wait for both.
         wait_for(lambda: scrape(url)[1] == 503, 60, "not ready", 0.5)
+        wait_for(lambda: paused(scrape(url)[0], "io_error"), 60, "paused for io_error", 0.5)
         samples = watch_paused(url, "io_error", 8)
         assert all(is_paused for is_paused, _ in samples)
         assert {ready for _, ready in samples} == {503}
