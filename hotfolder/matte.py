@@ -99,6 +99,18 @@ def plan(
     return tasks
 
 
+def drop_missing(tasks: list[Task], summary: Summary) -> list[Task]:
+    """The tasks whose input exists; a file named on the command line that does not is
+    reported at once (before the model loads) and counts as a failure."""
+    kept = []
+    for task in tasks:
+        if not task.from_folder and not task.source.exists():
+            summary.fail(task.source, "no such file")
+        else:
+            kept.append(task)
+    return kept
+
+
 def batches(tasks: list[Task], size: int) -> Iterator[list[Task]]:
     for start in range(0, len(tasks), size):
         yield tasks[start : start + size]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 
 from . import corpus
 from .conftest import ROOT, WEIGHTS
+from .daemon import Site, photo_jpegs, run_once
 
 
 def hotfolder(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
@@ -156,3 +158,72 @@ def test_matte_takes_any_name_and_skips_what_is_not_an_image(
     assert all(len(name) <= 255 for name in written)  # the long mask name is shortened
     assert "README: skipped" in result.stderr
     assert "2 written" in result.stderr
+
+
+def test_matte_from_another_folder_finds_the_shipped_model(tmp_path: Path) -> None:
+    # No config anywhere: the weights come from the installation, not the working folder.
+    shutil.copy(ROOT / "samples/chelsea.jpg", tmp_path / "in.jpg")
+    result = hotfolder("matte", "in.jpg", "out.png", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jpg", "out.png"]  # no ./matted
+    mode, pixels = corpus.load(tmp_path / "out.png")
+    assert (mode, pixels.shape) == ("RGBA", (300, 451, 4))
+
+
+def test_matte_to_a_jpeg_file_writes_the_composite(tmp_path: Path) -> None:
+    out = tmp_path / "flat.jpg"
+    result = hotfolder("matte", str(ROOT / "samples/coffee.jpg"), str(out), "--background", "red")
+    assert result.returncode == 2  # "red" is no colour it knows: said before the model loads
+    assert "loaded" not in result.stderr
+    result = hotfolder("matte", str(ROOT / "samples/coffee.jpg"), str(out), "--background", "black")
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes()[:3] == b"\xff\xd8\xff"
+    assert not (ROOT / "matted").exists()
+
+
+def test_matte_refuses_an_output_folder_that_is_a_file_before_the_model_loads(
+    tmp_path: Path,
+) -> None:
+    notes = tmp_path / "README.md"
+    notes.write_text("# notes\n")
+    result = hotfolder("matte", str(ROOT / "samples/coffee.jpg"), "-o", str(notes))
+    assert result.returncode == 2
+    assert f"{notes}: -o names a file; give a folder for the outputs" in result.stderr
+    assert "loaded" not in result.stderr
+    assert notes.read_text() == "# notes\n"
+
+
+def test_check_says_an_inbox_is_a_file(tmp_path: Path) -> None:
+    blocker = tmp_path / "inbox"
+    blocker.write_text("")
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "inboxes:\n"
+        f"  - {{name: a, path: {blocker}, outbox: {tmp_path}/o, done: {tmp_path}/d,"
+        f" errors: {tmp_path}/e}}\n"
+    )
+    result = hotfolder("check", "--config", str(config))
+    assert result.returncode == 2
+    assert f"inboxes[0].path: {blocker} is a file, not a folder" in result.stderr
+    assert "File exists" not in result.stderr
+
+
+def test_matte_shows_progress_in_the_log_and_quiet_silences_it(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    shutil.copytree(ROOT / "samples", folder)
+    result = hotfolder("matte", str(folder), "-o", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert "skipped: " in result.stderr  # the samples' README, with a note
+    assert "matte: 4/4 files" in result.stderr  # three photos and the README
+    quiet = hotfolder("matte", "-q", str(folder), "-o", str(tmp_path / "out2"))
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr == ""
+
+
+def test_run_once_shows_progress(site: Site, photos: dict[str, np.ndarray]) -> None:
+    site.write_config()
+    for i, data in enumerate(photo_jpegs(photos, 5)):
+        corpus.write(site.inbox, f"p{i}.jpg", data)
+    log = site.root / "log"
+    assert run_once(site.config, log) == 0
+    assert "run --once: 5/5 files" in log.read_text()

@@ -83,11 +83,14 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def import_onnx(onnx_path: Path, arch: str, output: Path) -> dict[str, str]:
+def import_onnx(
+    onnx_path: Path, arch: str, output: Path, origin: dict[str, str] | None = None
+) -> dict[str, str]:
     """Write ``output`` (safetensors) from ``onnx_path``; deterministic, so the same ONNX file
-    always gives the same bytes. Returns the metadata stored in the file."""
+    always gives the same bytes. ``origin`` (where the ONNX file came from, e.g. its package)
+    joins the provenance. Returns the provenance stored in the file."""
     state = convert(onnx_path, arch)
-    provenance = {"arch": arch, "source_sha256": sha256_of(onnx_path)}
+    provenance = {"arch": arch, "source_sha256": sha256_of(onnx_path)} | (origin or {})
     # One metadata key: safetensors writes several in a random order, which would make the
     # same import give different bytes from run to run.
     metadata = {"provenance": json.dumps(provenance, sort_keys=True)}
