@@ -107,7 +107,6 @@ def build_parser() -> argparse.ArgumentParser:
         "-o",
         "--outdir",
         type=Path,
-        default=Path("matted"),
         help="output folder; input subfolders are mirrored (default: ./matted)",
     )
     matte.add_argument(
@@ -270,8 +269,11 @@ def run_matte(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.model)
     background = recipes.parse_colour(args.background)
     inputs, target = single_output(args.inputs)
+    outdir = args.outdir or DEFAULT_OUTDIR
     outputs: tuple[recipes.Output, ...]
     if target is not None:
+        if args.outdir is not None:
+            raise UsageError(f"{target}: an output file and -o {args.outdir} together; give one")
         outputs = (output_for_file(target, args.kind, background),)
         where = target
     else:
@@ -279,11 +281,13 @@ def run_matte(args: argparse.Namespace) -> int:
         outputs = tuple(
             recipes.Output(recipes.Kind(k), background=background) for k in dict.fromkeys(kinds)
         )
-        if args.outdir.exists() and not args.outdir.is_dir():
-            raise UsageError(f"{args.outdir}: -o names a file; give a folder for the outputs")
-        where = args.outdir
+        if outdir.exists() and not outdir.is_dir():
+            raise UsageError(f"{outdir}: -o names a file; give a folder for the outputs")
+        if args.outdir is None:
+            note_existing_output(inputs)
+        where = outdir
     summary = matte.Summary()
-    tasks = matte.plan(inputs, args.outdir, outputs, summary)
+    tasks = matte.plan(inputs, outdir, outputs, summary)
     if target is not None:
         tasks = [matte.Task(tasks[0].source, ((outputs[0], target),))]
     tasks = matte.drop_missing(tasks, summary)  # named files that do not exist: said now
@@ -301,6 +305,7 @@ def run_matte(args: argparse.Namespace) -> int:
 
 
 OUTPUT_SUFFIXES = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg"}
+DEFAULT_OUTDIR = Path("matted")
 
 
 def single_output(inputs: list[Path]) -> tuple[list[Path], Path | None]:
@@ -315,6 +320,18 @@ def single_output(inputs: list[Path]) -> tuple[list[Path], Path | None]:
     if target.parent != Path() and not target.parent.is_dir():
         raise UsageError(f"{target}: its folder {target.parent} does not exist")
     return [source], target
+
+
+def note_existing_output(inputs: list[Path]) -> None:
+    """``matte IN OUT`` run again: OUT exists now, so it is an input (it could be a photo) and
+    both go to ./matted. Said, so nobody looks for a new OUT that was never written."""
+    if len(inputs) != 2 or not inputs[0].is_file() or not inputs[1].is_file():
+        return
+    if inputs[1].suffix.lower() in OUTPUT_SUFFIXES:
+        log.warning(
+            "%s exists, so it is matted as an input too; the outputs go to %s/ (to write %s "
+            "again, delete it first)", inputs[1], DEFAULT_OUTDIR, inputs[1]
+        )  # fmt: skip
 
 
 def output_for_file(

@@ -227,3 +227,25 @@ def test_run_once_shows_progress(site: Site, photos: dict[str, np.ndarray]) -> N
     log = site.root / "log"
     assert run_once(site.config, log) == 0
     assert "run --once: 5/5 files" in log.read_text()
+
+
+def test_matte_refuses_an_output_file_and_an_output_folder_together(tmp_path: Path) -> None:
+    out, folder = tmp_path / "cut.png", tmp_path / "cutouts"
+    result = hotfolder("matte", str(ROOT / "samples/chelsea.jpg"), str(out), "-o", str(folder))
+    assert result.returncode == 2
+    assert f"{out}: an output file and -o {folder} together" in result.stderr
+    assert "loaded" not in result.stderr
+    assert not out.exists()
+    assert not folder.exists()
+
+
+def test_matte_rerun_onto_an_existing_output_says_where_the_outputs_go(tmp_path: Path) -> None:
+    shutil.copy(ROOT / "samples/chelsea.jpg", tmp_path / "in.jpg")
+    assert hotfolder("matte", "-q", "in.jpg", "out.png", cwd=tmp_path).returncode == 0
+    # out.png now exists: it could be a photo, so it is an input, and that is said.
+    result = hotfolder("matte", "in.jpg", "out.png", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    note = "out.png exists, so it is matted as an input too; the outputs go to matted"
+    assert note in result.stderr
+    assert result.stderr.index(note) < result.stderr.index("loaded")
+    assert sorted(p.name for p in (tmp_path / "matted").iterdir()) == ["in.png", "out.png"]
