@@ -4,7 +4,7 @@ and the time left.
 On a terminal it is a bar on stderr; otherwise (a log file, a cron job, systemd) one log line
 every few seconds, so a long run still says how far it is. ``--quiet`` turns it off.
 
-The rate is the average since the first file finished, not a recent window: files finish in
+The rate is the average since the first batch finished, not a recent window: files finish in
 batches, and a windowed rate swings with every batch (an ETA of ten minutes for a twenty-second
 job, after the first batch). Model loading and warm-up happen before the clock starts.
 """
@@ -22,6 +22,9 @@ log = logging.getLogger("hotfolder")
 
 LOG_INTERVAL = 5.0  # seconds between progress log lines without a terminal
 DRAW_INTERVAL = 0.2  # seconds between redraws of the bar
+# Files reported within this many seconds of the first one belong to the first batch: callers
+# report each file as its outputs are written, so one batch arrives as a burst of single files.
+FIRST_BATCH_SPAN = 1.0
 
 
 def choose_mode(quiet: bool, stream: TextIO = sys.stderr) -> str:
@@ -74,6 +77,8 @@ class Progress:
             if self._first_done is None:
                 # The first batch includes the model's first call: the rate starts after it.
                 self._first_done, self._done_at_first = now, files
+            elif now - self._first_done < FIRST_BATCH_SPAN:
+                self._done_at_first += files
             self.done += files
             self.total = max(self.total, self.done)
             interval = DRAW_INTERVAL if self.mode == "bar" else LOG_INTERVAL

@@ -82,3 +82,21 @@ def test_quiet_turns_it_off_and_a_pipe_gets_log_lines() -> None:
     assert choose_mode(True) == "off"
     assert choose_mode(False, io.StringIO()) == "log"
     assert format_duration(3725) == "1:02:05"
+
+
+def test_files_of_one_batch_finishing_one_by_one_give_no_burst_rate() -> None:
+    # matte and the daemon report each file as its outputs are written: a batch's files
+    # finish milliseconds apart, which is no rate at all (it read 3452 img/s).
+    clock = Clock()
+    progress = Progress(total=8, label="matte", clock=clock)
+    clock.now += 9.0
+    for _ in range(4):
+        progress.advance()
+        clock.now += 0.01
+    assert progress.line() == "matte: 4/8 files"
+    clock.now += 3.96  # the next batch, 4 s after the first
+    for _ in range(4):
+        progress.advance()
+        clock.now += 0.01
+    assert progress.rate() == pytest.approx(1.0, rel=0.02)
+    assert progress.line() == "matte: 8/8 files, 0.99 img/s, done in 0:13"
