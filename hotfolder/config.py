@@ -164,6 +164,8 @@ def _model(raw: Any, base: Path) -> ModelConfig:
     _known(section, "model", MODEL_KEYS)
     defaults = ModelConfig()
     name = _get(section, "model.name", str, defaults.name)
+    if name not in MODELS:
+        raise ConfigError(f"model.name: {name!r} is not one of {', '.join(MODELS)}")
     weights = section.get("weights", str(default_weights(name)))
     precision = _get(section, "model.precision", str, defaults.precision)
     if precision not in ("auto", "fp32", "fp16", "bf16"):

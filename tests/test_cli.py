@@ -249,3 +249,12 @@ def test_matte_rerun_onto_an_existing_output_says_where_the_outputs_go(tmp_path:
     assert note in result.stderr
     assert result.stderr.index(note) < result.stderr.index("loaded")
     assert sorted(p.name for p in (tmp_path / "matted").iterdir()) == ["in.png", "out.png"]
+
+
+def test_an_unknown_model_name_in_the_config_is_said_as_such(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("model: {name: u2netq}\n")
+    result = hotfolder("check", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "model.name: 'u2netq' is not one of u2netp, u2net" in result.stderr
+    assert "weights fetch u2netq" not in result.stderr  # no command that cannot work
