@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -80,3 +81,18 @@ def test_check_packages_names_a_cuda_package(tmp_path: Path) -> None:
     result = run(ROOT / "scripts/check-packages", env / "bin/python")
     assert result.returncode == 1
     assert "nvidia-cublas-cu12" in result.stderr
+
+
+def test_setup_installs_pytorch_again_when_its_settings_change(checkout: Path) -> None:
+    # A PyTorch already installed (here a stand-in) must not hide a new TORCH_SPEC: the
+    # settings are part of the stamp, so set-up runs, and it must act on them.
+    site = next((checkout / ".venv").glob("lib/python*/site-packages"))
+    (site / "torch").mkdir()
+    (site / "torch/__init__.py").write_text("__version__ = '2.13.0+cpu'\n")
+    env = {**os.environ, "TORCH_SPEC": "torch==2.5.0", "TORCH_INDEX_URL": "http://127.0.0.1:9/"}
+    result = subprocess.run(
+        [checkout / "scripts/setup"], cwd=checkout, env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0  # no pip in this environment: every install fails
+    assert "installing torch==2.5.0" in result.stderr  # it did try to install that PyTorch
