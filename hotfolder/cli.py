@@ -246,7 +246,7 @@ def run_daemon(args: argparse.Namespace) -> int:
     engine = make_engine(cfg)
     progress = None
     if args.once:
-        progress = Progress(mode=choose_mode(args.quiet), label="run --once")
+        progress = Progress(mode=choose_mode(args.quiet, args.log_format), label="run --once")
     with showing(progress):
         return Service(cfg, engine, once=args.once, progress=progress).run()
 
@@ -294,7 +294,7 @@ def run_matte(args: argparse.Namespace) -> int:
     if tasks:
         check_weights(cfg)
         engine = make_engine(cfg)
-        progress = Progress(len(tasks), choose_mode(args.quiet), label="matte")
+        progress = Progress(len(tasks), choose_mode(args.quiet, args.log_format), label="matte")
         with showing(progress):
             matte.run(
                 engine, tasks, cfg.batching.max_batch_size, cfg.limits, summary, progress.advance

@@ -27,11 +27,12 @@ DRAW_INTERVAL = 0.2  # seconds between redraws of the bar
 FIRST_BATCH_SPAN = 1.0
 
 
-def choose_mode(quiet: bool, stream: TextIO = sys.stderr) -> str:
-    """``off`` with --quiet, ``bar`` on a terminal, else ``log``."""
+def choose_mode(quiet: bool, log_format: str = "text", stream: TextIO = sys.stderr) -> str:
+    """``off`` with --quiet, ``bar`` on a terminal, else ``log``. With JSON logs always
+    ``log``: a bar between them would break one JSON object per line on a terminal too."""
     if quiet:
         return "off"
-    return "bar" if stream.isatty() else "log"
+    return "bar" if stream.isatty() and log_format == "text" else "log"
 
 
 def format_duration(seconds: float) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import pty
 import shutil
 import subprocess
 import sys
@@ -258,3 +260,29 @@ def test_an_unknown_model_name_in_the_config_is_said_as_such(tmp_path: Path) -> 
     assert result.returncode == 2
     assert "model.name: 'u2netq' is not one of u2netp, u2net" in result.stderr
     assert "weights fetch u2netq" not in result.stderr  # no command that cannot work
+
+
+def test_json_logs_on_a_terminal_stay_one_json_object_per_line(tmp_path: Path) -> None:
+    # A container run with a terminal (docker run -t) and a log shipper reading its output:
+    # progress comes as JSON log lines, never as a bar between them.
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hotfolder", "matte", "--log-format", "json",
+         str(ROOT / "samples/chelsea.jpg"), str(tmp_path / "cut.png")],
+        stdin=subprocess.DEVNULL, stdout=follower, stderr=follower, cwd=ROOT,
+    )  # fmt: skip
+    os.close(follower)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal is closed once the process has exited
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(leader)
+    assert process.wait(timeout=300) == 0, output
+    lines = [line for line in output.decode().splitlines() if line.strip()]
+    messages = [json.loads(line)["message"] for line in lines]
+    assert any(m.startswith("matte: 1/1 files") for m in messages)

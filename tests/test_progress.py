@@ -80,7 +80,7 @@ def test_log_mode_writes_a_line_at_most_every_few_seconds(
 
 def test_quiet_turns_it_off_and_a_pipe_gets_log_lines() -> None:
     assert choose_mode(True) == "off"
-    assert choose_mode(False, io.StringIO()) == "log"
+    assert choose_mode(False, stream=io.StringIO()) == "log"
     assert format_duration(3725) == "1:02:05"
 
 
