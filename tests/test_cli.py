@@ -286,3 +286,11 @@ def test_json_logs_on_a_terminal_stay_one_json_object_per_line(tmp_path: Path) -
     lines = [line for line in output.decode().splitlines() if line.strip()]
     messages = [json.loads(line)["message"] for line in lines]
     assert any(m.startswith("matte: 1/1 files") for m in messages)
+
+
+def test_matte_takes_a_file_named_twice_once(tmp_path: Path) -> None:
+    photo, out = ROOT / "samples/chelsea.jpg", tmp_path / "out"
+    result = hotfolder("matte", str(photo), str(ROOT / "samples"), str(photo), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "3 written" in result.stderr  # the three photos, chelsea.jpg once
+    assert sorted(p.name for p in out.iterdir()) == ["astronaut.png", "chelsea.png", "coffee.png"]
