@@ -311,11 +311,19 @@ DEFAULT_OUTDIR = Path("matted")
 def single_output(inputs: list[Path]) -> tuple[list[Path], Path | None]:
     """rembg's ``IN OUT``: one file, then an image name that does not exist yet, is an input
     and its output file. Anything else is a list of inputs (an existing file is never taken
-    as an output: it could be a photo)."""
+    as an output: it could be a photo). Raises UsageError for one file then a name that is
+    neither (``cut.webp``, ``cutouts``) and for an output file in a folder that does not exist."""
     if len(inputs) != 2:
         return inputs, None
     source, target = inputs
-    if source.is_dir() or target.exists() or target.suffix.lower() not in OUTPUT_SUFFIXES:
+    if source.is_dir() or target.exists():
+        return inputs, None
+    if target.suffix.lower() not in OUTPUT_SUFFIXES:
+        if source.is_file():  # IN then neither an input nor an output name: a typo, or -o
+            raise UsageError(
+                f"{target}: no such file; an output file is named .png, .jpg or .jpeg "
+                f"(for a folder of outputs: -o {target})"
+            )
         return inputs, None
     if target.parent != Path() and not target.parent.is_dir():
         raise UsageError(f"{target}: its folder {target.parent} does not exist")

@@ -294,3 +294,18 @@ def test_matte_takes_a_file_named_twice_once(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "3 written" in result.stderr  # the three photos, chelsea.jpg once
     assert sorted(p.name for p in out.iterdir()) == ["astronaut.png", "chelsea.png", "coffee.png"]
+
+
+@pytest.mark.parametrize("second", ["cut.webp", "cutouts"])
+def test_matte_in_then_a_missing_name_it_cannot_write_is_refused(
+    tmp_path: Path, second: str
+) -> None:
+    # Not an input (it does not exist) and not an output file matte writes: nothing is
+    # matted into ./matted behind the person's back.
+    shutil.copy(ROOT / "samples/chelsea.jpg", tmp_path / "in.jpg")
+    result = hotfolder("matte", "in.jpg", second, cwd=tmp_path)
+    assert result.returncode == 2
+    refusal = f"{second}: no such file; an output file is named .png, .jpg or .jpeg"
+    assert refusal in result.stderr
+    assert "loaded" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jpg"]
