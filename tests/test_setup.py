@@ -96,3 +96,22 @@ def test_setup_installs_pytorch_again_when_its_settings_change(checkout: Path) -
     )  # fmt: skip
     assert result.returncode != 0  # no pip in this environment: every install fails
     assert "installing torch==2.5.0" in result.stderr  # it did try to install that PyTorch
+
+
+def test_run_keeps_the_folder_it_was_called_from_for_a_command(
+    checkout: Path, tmp_path: Path
+) -> None:
+    shutil.copy2(ROOT / "scripts/run", checkout / "scripts/run")
+    stamp = run(checkout / "scripts/setup", "--stamp").stdout
+    (checkout / ".venv/.hotfolder-setup").write_text(stamp)
+    # Stands in for the installed command: says where it runs and what it was given.
+    command = checkout / ".venv/bin/hotfolder"
+    command.write_text('#!/bin/sh\necho "$PWD" "$@"\n')
+    command.chmod(0o755)
+    elsewhere = tmp_path / "photos"
+    elsewhere.mkdir()
+    matte = run(checkout / "scripts/run", "matte", "in.jpg", "out.png", cwd=elsewhere)
+    assert matte.returncode == 0, matte.stderr
+    assert matte.stdout == f"{elsewhere} matte in.jpg out.png\n"  # the person's relative paths
+    daemon = run(checkout / "scripts/run", cwd=elsewhere)
+    assert daemon.stdout == f"{checkout} run\n"  # the daemon on the clone's ./config.yaml
