@@ -38,7 +38,8 @@ from PIL import Image
 from hotfolder.engine import MattingEngine
 
 ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = ROOT / "weights" / "u2netp.safetensors"
+MODEL = "u2netp"  # --model
+WEIGHTS = ROOT / "weights" / f"{MODEL}.safetensors"
 
 
 def make_photos(folder: Path, count: int, megapixels: float, varied: bool = False) -> list[Path]:
@@ -95,7 +96,7 @@ def model_only(
     rows = []
     for precision in precisions:
         for graphs in (True, False) if torch.cuda.is_available() and device != "cpu" else (False,):
-            engine = MattingEngine("u2netp", WEIGHTS, device=device, precision=precision,
+            engine = MattingEngine(MODEL, WEIGHTS, device=device, precision=precision,
                                    max_batch=max(batches), cuda_graphs=graphs)  # fmt: skip
             engine.setup()
             for batch in batches:
@@ -141,7 +142,7 @@ def write_config(work: Path, device: str, batch: int, workers: int) -> Path:
     inbox = work / "inbox"
     inbox.mkdir(parents=True)
     config = {
-        "model": {"weights": str(WEIGHTS), "device": device},
+        "model": {"name": MODEL, "weights": str(WEIGHTS), "device": device},
         "batching": {"max_batch_size": batch, "max_wait_ms": 20},
         "daemon": {"workers": workers},
         "journal": str(work / "journal.sqlite3"),
@@ -303,6 +304,7 @@ def machine() -> dict:
 
 
 def main() -> None:
+    global MODEL, WEIGHTS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench-results.json"))
     parser.add_argument("--images", type=int, default=16, help="photos per size (default 16)")
@@ -316,10 +318,14 @@ def main() -> None:
     parser.add_argument("--skip-rembg", action="store_true")
     parser.add_argument("--rembg-images", type=int, default=0,
                         help="rembg on the first N photos only (0: all of them)")  # fmt: skip
+    parser.add_argument("--model", default=MODEL, choices=["u2netp", "u2net"],
+                        help="hotfolder's model (rembg always runs u2netp)")  # fmt: skip
     args = parser.parse_args()
+    MODEL, WEIGHTS = args.model, ROOT / "weights" / f"{args.model}.safetensors"
+    print(f"model: {MODEL} ({WEIGHTS})", flush=True)
     gpu = torch.cuda.is_available() and args.device != "cpu"
     batch = args.batch or (64 if gpu else 16)
-    results: dict = {"machine": machine(), "batch": batch}
+    results: dict = {"machine": machine(), "batch": batch, "model": MODEL}
     print("model only", flush=True)
     precisions = ["fp16", "fp32"] if gpu else ["fp32"]
     batches = [1, 8, 32, 64, 128] if gpu else [1, 4, 16]

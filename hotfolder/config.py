@@ -11,7 +11,7 @@ import grp
 import os
 import string
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,6 +21,11 @@ from hotfolder import imaging, naming, publish, recipes
 
 CONFIG_ENV = "HOTFOLDER_CONFIG"
 DEFAULT_CONFIG = Path("config.yaml")
+# The models `model.name` and `--model` accept; `hotfolder weights fetch NAME` obtains each.
+MODELS = ("u2netp", "u2net")
+# The weights folder of the installation (the checkout, for an editable install): a model's
+# weights are found there when the config names no file, wherever the command runs.
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 ORIGINALS = ("move", "delete")
 T = TypeVar("T")
 
@@ -159,7 +164,9 @@ def _model(raw: Any, base: Path) -> ModelConfig:
     _known(section, "model", MODEL_KEYS)
     defaults = ModelConfig()
     name = _get(section, "model.name", str, defaults.name)
-    weights = section.get("weights", f"weights/{name}.safetensors")
+    if name not in MODELS:
+        raise ConfigError(f"model.name: {name!r} is not one of {', '.join(MODELS)}")
+    weights = section.get("weights", str(default_weights(name)))
     precision = _get(section, "model.precision", str, defaults.precision)
     if precision not in ("auto", "fp32", "fp16", "bf16"):
         raise ConfigError(f"model.precision: {precision!r} is not one of auto, fp32, fp16, bf16")
@@ -176,6 +183,20 @@ def _model(raw: Any, base: Path) -> ModelConfig:
             section.get("compile_cache", str(default_compile_cache())), "model.compile_cache", base
         ),
     )
+
+
+def default_weights(name: str) -> Path:
+    """Where model ``name``'s weights are when ``model.weights`` is not set."""
+    return SHIPPED_WEIGHTS / f"{name}.safetensors"
+
+
+def with_model(config: Config, name: str) -> Config:
+    """``config`` with model ``name`` (``--model``): its weights from the default place, unless
+    the config already uses that model (then its own ``model.weights`` stays)."""
+    if name == config.model.name:
+        return config
+    model = replace(config.model, name=name, weights=default_weights(name))
+    return replace(config, model=model)
 
 
 def default_compile_cache() -> Path:
@@ -237,9 +258,15 @@ def ensure_folders(config: Config) -> None:
     created_by_us = {inbox.outbox: inbox.permissions for inbox in config.inboxes}
     created_by_us |= {inbox.errors: inbox.permissions for inbox in config.inboxes}
     created_by_us |= {inbox.done: inbox.permissions for inbox in config.inboxes if inbox.done}
+    where = f"{config.source}: " if config.source else ""
     for key, folder in folders:
         if folder is None:
             continue
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(
+                f"{where}{key}: {folder} is a file, not a folder; point {key} at a folder "
+                "(or move the file away)"
+            )
         try:
             existed = folder.is_dir()
             folder.mkdir(parents=True, exist_ok=True)
@@ -250,7 +277,7 @@ def ensure_folders(config: Config) -> None:
                     os.chown(folder, -1, perms.gid)
         except OSError as exc:
             raise ConfigError(
-                f"{key}: cannot create {folder}: {exc.strerror}; "
+                f"{where}{key}: cannot create {folder}: {exc.strerror}; "
                 "fix the path or the permissions of its parent"
             ) from None
 

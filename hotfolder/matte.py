@@ -78,8 +78,9 @@ def plan(
 ) -> list[Task]:
     """Tasks with their output paths. Two inputs whose outputs would share a name (``item.jpg``
     and ``item.png``) get numbered names (``item.png``, ``item-2.png``), as in the daemon; an
-    output never replaces an input."""
-    files = list(find_inputs(inputs))
+    output never replaces an input. A file reached twice (named twice, or in a folder also
+    given) is planned once, where it was first reached."""
+    files = list(_first_of_each(find_inputs(inputs)))
     sources = {str(path.resolve()) for path, _, _ in files}
     registry = naming.MemoryRegistry()
     tasks = []
@@ -97,6 +98,29 @@ def plan(
         targets = tuple(zip(outputs, (outdir / p for p in paths), strict=True))
         tasks.append(Task(source, targets, from_folder))
     return tasks
+
+
+def _first_of_each(
+    files: Iterable[tuple[Path, Path, bool]],
+) -> Iterator[tuple[Path, Path, bool]]:
+    seen = set()
+    for found in files:
+        key = found[0].resolve()
+        if key not in seen:
+            seen.add(key)
+            yield found
+
+
+def drop_missing(tasks: list[Task], summary: Summary) -> list[Task]:
+    """The tasks whose input exists; a file named on the command line that does not is
+    reported at once (before the model loads) and counts as a failure."""
+    kept = []
+    for task in tasks:
+        if not task.from_folder and not task.source.exists():
+            summary.fail(task.source, "no such file")
+        else:
+            kept.append(task)
+    return kept
 
 
 def batches(tasks: list[Task], size: int) -> Iterator[list[Task]]:

@@ -198,6 +198,7 @@ class Outcomes:
             metrics.processed.labels(name, "failed").inc()
             self.pipeline.count_failure()
         inbox.claims.finish(claim)
+        self.pipeline.progress.advance()
         self.pipeline.count(-1)
 
 

@@ -30,6 +30,7 @@ from hotfolder.engine import MattingEngine
 from hotfolder.inboxes import Inbox, InboxSet
 from hotfolder.journal import Journal
 from hotfolder.metrics import Metrics
+from hotfolder.progress import Progress
 from hotfolder.roots import Pause, Root, Roots, usable
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ class Pipeline:
         self.in_flight = 0
         self.failed_files = 0  # this run's, for the exit code of --once
         self.blocked = False  # --once stopped because intake was paused
+        self.progress = Progress()  # files found and finished, shown by --once
 
     def count(self, delta: int) -> None:
         """One more (or fewer) file between claim and archive."""

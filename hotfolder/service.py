@@ -35,6 +35,7 @@ from hotfolder.journal import Journal
 from hotfolder.metrics import Metrics, MetricsServer
 from hotfolder.outcomes import Outcomes
 from hotfolder.pipeline import Pipeline
+from hotfolder.progress import Progress
 from hotfolder.stages.decode import Decode
 from hotfolder.stages.infer import Infer
 from hotfolder.stages.intake import Intake
@@ -55,6 +56,7 @@ class Service:
         once: bool = False,
         metrics: Metrics | None = None,
         notifier: Notifier | None = None,
+        progress: Progress | None = None,
     ) -> None:
         self.once = once
         self.metrics = metrics or Metrics()
@@ -63,6 +65,8 @@ class Service:
         self.inboxes = InboxSet(self._make_inbox)
         self.pipeline = Pipeline(cfg, engine, self.metrics, Journal(cfg.journal), self.inboxes,
                                  once)  # fmt: skip
+        if progress is not None:
+            self.pipeline.progress = progress
         self.outcomes = Outcomes(self.pipeline)
         self.intake = Intake(self.pipeline, self.outcomes)
         self.decode = Decode(self.pipeline, self.outcomes)
@@ -94,6 +98,7 @@ class Service:
 
     def _detected(self, inbox: str, by_scan: bool) -> None:
         self.metrics.detected.labels(inbox).inc()
+        self.pipeline.progress.grow()
         if by_scan:
             self.metrics.found_by_scan.labels(inbox).inc()
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import pty
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +16,7 @@ import torch
 
 from . import corpus
 from .conftest import ROOT, WEIGHTS
+from .daemon import Site, photo_jpegs, run_once
 
 
 def hotfolder(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
@@ -156,3 +160,152 @@ def test_matte_takes_any_name_and_skips_what_is_not_an_image(
     assert all(len(name) <= 255 for name in written)  # the long mask name is shortened
     assert "README: skipped" in result.stderr
     assert "2 written" in result.stderr
+
+
+def test_matte_from_another_folder_finds_the_shipped_model(tmp_path: Path) -> None:
+    # No config anywhere: the weights come from the installation, not the working folder.
+    shutil.copy(ROOT / "samples/chelsea.jpg", tmp_path / "in.jpg")
+    result = hotfolder("matte", "in.jpg", "out.png", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jpg", "out.png"]  # no ./matted
+    mode, pixels = corpus.load(tmp_path / "out.png")
+    assert (mode, pixels.shape) == ("RGBA", (300, 451, 4))
+
+
+def test_matte_to_a_jpeg_file_writes_the_composite(tmp_path: Path) -> None:
+    out = tmp_path / "flat.jpg"
+    result = hotfolder("matte", str(ROOT / "samples/coffee.jpg"), str(out), "--background", "red")
+    assert result.returncode == 2  # "red" is no colour it knows: said before the model loads
+    assert "loaded" not in result.stderr
+    result = hotfolder("matte", str(ROOT / "samples/coffee.jpg"), str(out), "--background", "black")
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes()[:3] == b"\xff\xd8\xff"
+    assert not (ROOT / "matted").exists()
+
+
+def test_matte_refuses_an_output_folder_that_is_a_file_before_the_model_loads(
+    tmp_path: Path,
+) -> None:
+    notes = tmp_path / "README.md"
+    notes.write_text("# notes\n")
+    result = hotfolder("matte", str(ROOT / "samples/coffee.jpg"), "-o", str(notes))
+    assert result.returncode == 2
+    assert f"{notes}: -o names a file; give a folder for the outputs" in result.stderr
+    assert "loaded" not in result.stderr
+    assert notes.read_text() == "# notes\n"
+
+
+def test_check_says_an_inbox_is_a_file(tmp_path: Path) -> None:
+    blocker = tmp_path / "inbox"
+    blocker.write_text("")
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "inboxes:\n"
+        f"  - {{name: a, path: {blocker}, outbox: {tmp_path}/o, done: {tmp_path}/d,"
+        f" errors: {tmp_path}/e}}\n"
+    )
+    result = hotfolder("check", "--config", str(config))
+    assert result.returncode == 2
+    assert f"inboxes[0].path: {blocker} is a file, not a folder" in result.stderr
+    assert "File exists" not in result.stderr
+
+
+def test_matte_shows_progress_in_the_log_and_quiet_silences_it(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    shutil.copytree(ROOT / "samples", folder)
+    result = hotfolder("matte", str(folder), "-o", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert "skipped: " in result.stderr  # the samples' README, with a note
+    assert "matte: 4/4 files" in result.stderr  # three photos and the README
+    quiet = hotfolder("matte", "-q", str(folder), "-o", str(tmp_path / "out2"))
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr == ""
+
+
+def test_run_once_shows_progress(site: Site, photos: dict[str, np.ndarray]) -> None:
+    site.write_config()
+    for i, data in enumerate(photo_jpegs(photos, 5)):
+        corpus.write(site.inbox, f"p{i}.jpg", data)
+    log = site.root / "log"
+    assert run_once(site.config, log) == 0
+    assert "run --once: 5/5 files" in log.read_text()
+
+
+def test_matte_refuses_an_output_file_and_an_output_folder_together(tmp_path: Path) -> None:
+    out, folder = tmp_path / "cut.png", tmp_path / "cutouts"
+    result = hotfolder("matte", str(ROOT / "samples/chelsea.jpg"), str(out), "-o", str(folder))
+    assert result.returncode == 2
+    assert f"{out}: an output file and -o {folder} together" in result.stderr
+    assert "loaded" not in result.stderr
+    assert not out.exists()
+    assert not folder.exists()
+
+
+def test_matte_rerun_onto_an_existing_output_says_where_the_outputs_go(tmp_path: Path) -> None:
+    shutil.copy(ROOT / "samples/chelsea.jpg", tmp_path / "in.jpg")
+    assert hotfolder("matte", "-q", "in.jpg", "out.png", cwd=tmp_path).returncode == 0
+    # out.png now exists: it could be a photo, so it is an input, and that is said.
+    result = hotfolder("matte", "in.jpg", "out.png", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    note = "out.png exists, so it is matted as an input too; the outputs go to matted"
+    assert note in result.stderr
+    assert result.stderr.index(note) < result.stderr.index("loaded")
+    assert sorted(p.name for p in (tmp_path / "matted").iterdir()) == ["in.png", "out.png"]
+
+
+def test_an_unknown_model_name_in_the_config_is_said_as_such(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("model: {name: u2netq}\n")
+    result = hotfolder("check", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "model.name: 'u2netq' is not one of u2netp, u2net" in result.stderr
+    assert "weights fetch u2netq" not in result.stderr  # no command that cannot work
+
+
+def test_json_logs_on_a_terminal_stay_one_json_object_per_line(tmp_path: Path) -> None:
+    # A container run with a terminal (docker run -t) and a log shipper reading its output:
+    # progress comes as JSON log lines, never as a bar between them.
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hotfolder", "matte", "--log-format", "json",
+         str(ROOT / "samples/chelsea.jpg"), str(tmp_path / "cut.png")],
+        stdin=subprocess.DEVNULL, stdout=follower, stderr=follower, cwd=ROOT,
+    )  # fmt: skip
+    os.close(follower)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal is closed once the process has exited
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(leader)
+    assert process.wait(timeout=300) == 0, output
+    lines = [line for line in output.decode().splitlines() if line.strip()]
+    messages = [json.loads(line)["message"] for line in lines]
+    assert any(m.startswith("matte: 1/1 files") for m in messages)
+
+
+def test_matte_takes_a_file_named_twice_once(tmp_path: Path) -> None:
+    photo, out = ROOT / "samples/chelsea.jpg", tmp_path / "out"
+    result = hotfolder("matte", str(photo), str(ROOT / "samples"), str(photo), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "3 written" in result.stderr  # the three photos, chelsea.jpg once
+    assert sorted(p.name for p in out.iterdir()) == ["astronaut.png", "chelsea.png", "coffee.png"]
+
+
+@pytest.mark.parametrize("second", ["cut.webp", "cutouts"])
+def test_matte_in_then_a_missing_name_it_cannot_write_is_refused(
+    tmp_path: Path, second: str
+) -> None:
+    # Not an input (it does not exist) and not an output file matte writes: nothing is
+    # matted into ./matted behind the person's back.
+    shutil.copy(ROOT / "samples/chelsea.jpg", tmp_path / "in.jpg")
+    result = hotfolder("matte", "in.jpg", second, cwd=tmp_path)
+    assert result.returncode == 2
+    refusal = f"{second}: no such file; an output file is named .png, .jpg or .jpeg"
+    assert refusal in result.stderr
+    assert "loaded" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jpg"]

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from hotfolder.models import WeightsError, build, conv_layers
+from hotfolder.publish import write_atomic
 
 
 class OnnxImportError(WeightsError):
@@ -83,14 +84,23 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def import_onnx(onnx_path: Path, arch: str, output: Path) -> dict[str, str]:
+def import_onnx(
+    onnx_path: Path, arch: str, output: Path, origin: dict[str, str] | None = None
+) -> dict[str, str]:
     """Write ``output`` (safetensors) from ``onnx_path``; deterministic, so the same ONNX file
-    always gives the same bytes. Returns the metadata stored in the file."""
+    always gives the same bytes. ``origin`` (where the ONNX file came from, e.g. its package)
+    joins the provenance. Returns the provenance stored in the file.
+
+    The file is written atomically with mode 0644 (a daemon running as another user reads it);
+    an interrupted or failed write leaves no partial file. Raises :class:`WeightsError` when
+    ``output`` cannot be written (a folder, below a file, no permission)."""
     state = convert(onnx_path, arch)
-    provenance = {"arch": arch, "source_sha256": sha256_of(onnx_path)}
+    provenance = {"arch": arch, "source_sha256": sha256_of(onnx_path)} | (origin or {})
     # One metadata key: safetensors writes several in a random order, which would make the
     # same import give different bytes from run to run.
     metadata = {"provenance": json.dumps(provenance, sort_keys=True)}
-    output.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(output), metadata=metadata)
+    try:
+        write_atomic(output, save(state, metadata=metadata))
+    except OSError as exc:
+        raise WeightsError(f"{output}: cannot write ({exc.strerror or exc})") from None
     return provenance
