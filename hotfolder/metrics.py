@@ -39,6 +39,16 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 # A check returns (healthy, details for people).
 Check = Callable[[], tuple[bool, dict[str, object]]]
+# More pages (the status page): a request's target → (status, body, content type), or None.
+Pages = Callable[[str], tuple[int, bytes, str] | None]
+# Nothing served here runs a script from elsewhere, is framed, or is cached by a proxy.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; object-src 'none'; base-uri 'none'; "
+    "frame-ancestors 'none'; form-action 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
 
 
 class Metrics:
@@ -181,12 +191,17 @@ class _Handler(BaseHTTPRequestHandler):
             ok, details = check()
             body = json.dumps({"status": "ok" if ok else "failing", **details}, indent=1)
             self._send(200 if ok else 503, body.encode() + b"\n", "application/json")
+        elif (page := self.server.pages(self.path)) is not None:
+            self._send(*page)
         else:
-            self._send(404, b"not found: try /metrics, /healthz or /readyz\n", "text/plain")
+            missing = b"not found: try /metrics, /healthz, /readyz or /status\n"
+            self._send(404, missing, "text/plain")
 
     def _send(self, status: int, body: bytes, content_type: str) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
+        for header, value in SECURITY_HEADERS.items():
+            self.send_header(header, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -196,12 +211,19 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class MetricsServer(ThreadingHTTPServer):
-    """``/metrics``, ``/healthz`` (process, stages and watchers alive) and ``/readyz`` (model
-    warm, intake open) on ``host:port``."""
+    """``/metrics``, ``/healthz`` (process, stages and watchers alive), ``/readyz`` (model
+    warm, intake open) and the ``pages`` (the status page) on ``host:port``."""
 
     daemon_threads = True
 
-    def __init__(self, listen: str, metrics: Metrics, health: Check, readiness: Check) -> None:
+    def __init__(
+        self,
+        listen: str,
+        metrics: Metrics,
+        health: Check,
+        readiness: Check,
+        pages: Pages = lambda target: None,
+    ) -> None:
         """Binds the address at once; raises ConfigError when it cannot (taken, not local)."""
         host, _, port = listen.rpartition(":")
         try:
@@ -214,6 +236,7 @@ class MetricsServer(ThreadingHTTPServer):
         self.metrics = metrics
         self.health = health
         self.readiness = readiness
+        self.pages = pages
         self._thread = threading.Thread(target=self.serve_forever, name="metrics", daemon=True)
 
     @property

@@ -39,7 +39,9 @@ from hotfolder.stages.decode import Decode
 from hotfolder.stages.infer import Infer
 from hotfolder.stages.intake import Intake
 from hotfolder.stages.publish import Publish
+from hotfolder.status import StatusPage, inbox_states
 from hotfolder.systemd import Notifier
+from hotfolder.thumbnails import Thumbnails, thumbnail_folder
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,9 @@ class Service:
         self.intake = Intake(self.pipeline, self.outcomes)
         self.decode = Decode(self.pipeline, self.outcomes)
         self.infer = Infer(self.pipeline, self.outcomes)
-        self.publish = Publish(self.pipeline, self.outcomes)
+        # Pictures for the status page, which is served with the metrics.
+        self.thumbnails = Thumbnails(thumbnail_folder(cfg)) if cfg.metrics.listen else None
+        self.publish = Publish(self.pipeline, self.outcomes, self.thumbnails)
         self.fatal: BaseException | None = None
         self.threads: list[threading.Thread] = []
         self.last_step: dict[str, float] = {}
@@ -148,7 +152,14 @@ class Service:
         """Raises ConfigError when the metrics address cannot be bound."""
         listen = self.config.metrics.listen
         if listen and not self.once:
-            self.server = MetricsServer(listen, self.metrics, self.health, self.readiness)
+            self.server = MetricsServer(listen, self.metrics, self.health, self.readiness,
+                                        self._status_page().handle)  # fmt: skip
+
+    def _status_page(self) -> StatusPage:
+        assert self.thumbnails is not None  # made whenever there is a listener
+        states = inbox_states(lambda: [i.config.name for i in self.inboxes.active],
+                              self.metrics.registry, self.pipeline.pause.reasons)  # fmt: skip
+        return StatusPage(self.config.journal, self.thumbnails, states)
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
