@@ -1,0 +1,269 @@
+"""The status page: thumbnails made at publish time and kept under a cap, the read-only JSON
+endpoints over a real journal, and the page itself in a real headless browser against a live
+daemon processing real photos, hostile names included."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from hotfolder import imaging, names
+from hotfolder.journal import Journal
+from hotfolder.metrics import Metrics, MetricsServer
+from hotfolder.status import StatusPage
+from hotfolder.thumbnails import LARGE, SMALL, Thumbnails
+
+from . import corpus
+from .browser import Page, open_page
+from .conftest import ROOT
+from .daemon import Site, metrics_url, start, stop, wait_for
+
+OUTPUT = ROOT / "tests" / "output"  # artefacts (screenshots), ignored by git
+HOSTILE = [
+    b"<img src=x onerror=alert(1)>.jpg",
+    b"\"quoted\" & 'single'.jpg",
+    b"line\nbreak.jpg",
+    b"caf\xe9.jpg",
+]
+
+
+def job_id(n: int) -> str:
+    return f"{n:032x}"
+
+
+def matte(photo: np.ndarray) -> np.ndarray:
+    """A real-looking alpha: an opaque ellipse on a transparent background, (H, W) uint8."""
+    height, width = photo.shape[:2]
+    alpha = np.zeros((height, width), np.uint8)
+    cv2.ellipse(alpha, (width // 2, height // 2), (width // 4, height // 3), 0, 0, 360, 255, -1)
+    return alpha
+
+
+def test_thumbnails_are_small_jpegs_with_the_cutout_on_a_checkerboard(
+    tmp_path: Path, photos: dict[str, np.ndarray]
+) -> None:
+    photo = photos["rocket"]  # 427×640: portrait
+    store = Thumbnails(tmp_path / "thumbs")
+    store.save(job_id(1), imaging.Picture(photo, None), matte(photo))
+    sizes = {}
+    for view in ("before", "after", "before-large", "after-large", "mask-large"):
+        path = store.path(job_id(1), view)
+        assert path is not None
+        decoded = cv2.imdecode(np.frombuffer(path.read_bytes(), np.uint8), cv2.IMREAD_UNCHANGED)
+        sizes[view] = max(decoded.shape[:2])
+    assert sizes == {"before": SMALL, "after": SMALL, "before-large": LARGE,
+                     "after-large": LARGE, "mask-large": LARGE}  # fmt: skip
+    after_path = store.path(job_id(1), "after-large")
+    assert after_path is not None
+    after = cv2.imdecode(np.frombuffer(after_path.read_bytes(), np.uint8), cv2.IMREAD_GRAYSCALE)
+    corner = after[:32, :32].astype(int)  # transparent there: the board shows, grey and white
+    assert abs(corner.min() - 204) < 12
+    assert abs(corner.max() - 255) < 12
+
+
+def test_thumbnails_stay_under_the_cap_oldest_first(
+    tmp_path: Path, photos: dict[str, np.ndarray]
+) -> None:
+    photo = photos["coffee"]
+    picture, alpha = imaging.Picture(photo, None), matte(photo)
+    probe = Thumbnails(tmp_path / "probe")
+    probe.save(job_id(0), picture, alpha)
+    one_job = probe.total_bytes
+    store = Thumbnails(tmp_path / "thumbs", max_bytes=int(one_job * 3.5))
+    for n in range(1, 7):
+        store.save(job_id(n), picture, alpha)
+        time.sleep(0.01)  # distinct modification times, for the reload below
+    kept = sorted({p.name.split(".")[0] for p in (tmp_path / "thumbs").iterdir()})
+    assert kept == [job_id(4), job_id(5), job_id(6)]
+    assert store.total_bytes <= store.max_bytes
+    # A restart knows what is there, oldest first: the next job evicts job 4, not job 6.
+    again = Thumbnails(tmp_path / "thumbs", max_bytes=store.max_bytes)
+    again.save(job_id(7), picture, alpha)
+    kept = sorted({p.name.split(".")[0] for p in (tmp_path / "thumbs").iterdir()})
+    assert kept == [job_id(5), job_id(6), job_id(7)]
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[str, Journal]]:
+    """A status page on a real journal and a real listener (no daemon)."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    thumbnails = Thumbnails(tmp_path / "thumbnails")
+    page = StatusPage(tmp_path / "journal.sqlite3", thumbnails, lambda: [])
+    server = MetricsServer("127.0.0.1:0", Metrics(), lambda: (True, {}), lambda: (True, {}),
+                           page.handle)  # fmt: skip
+    server.start()
+    yield f"http://127.0.0.1:{server.port}", journal
+    server.stop()
+    journal.close()
+
+
+def get(url: str) -> tuple[int, bytes, dict[str, str]]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read(), dict(response.headers)
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, error.read(), dict(error.headers)
+
+
+def add_jobs(journal: Journal, count: int, start: float = 1_000_000.0) -> None:
+    for n in range(count):
+        outcome = "failed" if n % 3 == 0 else "success"
+        journal.begin(job_id(n), inbox="a" if n % 2 else "b", path=f"photo-{n}.jpg", size=10,
+                      detected_at=start + n, claimed_at=start + n, attempts=1,
+                      outcome="claimed")  # fmt: skip
+        journal.update(job_id(n), outcome=outcome, published_at=start + n + 0.5,
+                       reason="corrupt" if outcome == "failed" else None)  # fmt: skip
+
+
+def test_jobs_are_paged_newest_first_and_filtered(served: tuple[str, Journal]) -> None:
+    url, journal = served
+    add_jobs(journal, 30)
+    seen, cursor = [], ""
+    while True:
+        status, body, _ = get(f"{url}/status/api/jobs?limit=7&before={cursor}")
+        assert status == 200
+        page = json.loads(body)
+        seen += [job["id"] for job in page["jobs"]]
+        if not page["next"]:
+            break
+        cursor = page["next"]
+    assert seen == [job_id(n) for n in reversed(range(30))]
+    _, body, _ = get(f"{url}/status/api/jobs?inbox=a&outcome=failed&limit=100")
+    assert [j["id"] for j in json.loads(body)["jobs"]] == [job_id(n) for n in (27, 21, 15, 9, 3)]
+    _, body, _ = get(f"{url}/status/api/jobs?q=PHOTO-1&limit=100")
+    assert {j["path"] for j in json.loads(body)["jobs"]} == {"photo-1.jpg"} | {
+        f"photo-{n}.jpg" for n in range(10, 20)
+    }
+    _, body, _ = get(f"{url}/status/api/jobs?limit=100000")
+    assert len(json.loads(body)["jobs"]) == 30  # capped at 100 a page
+
+
+def test_requests_never_reach_the_filesystem_by_path(
+    served: tuple[str, Journal], tmp_path: Path
+) -> None:
+    url, journal = served
+    add_jobs(journal, 1)
+    (tmp_path / "secret.jpg").write_bytes(b"secret")
+    for target in (
+        "/status/thumbs/../secret.jpg/before",
+        "/status/thumbs/..%2f..%2fsecret/before",
+        f"/status/thumbs/{job_id(0)}/../../secret.jpg",
+        f"/status/thumbs/{job_id(0)}/before.jpg",
+        "/status/../journal.sqlite3",
+        "/status/api/jobs/..%2f..",
+        "/status/index.html",
+        "/status/static/app.js",
+    ):
+        status, body, _ = get(url + target)
+        assert status == 404, target
+        assert b"secret" not in body
+    status, _, headers = get(f"{url}/status/")
+    assert status == 200
+    assert "default-src 'self'" in headers["Content-Security-Policy"]
+    request = urllib.request.Request(f"{url}/status/api/jobs", method="POST", data=b"{}")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    refused.value.close()
+    assert refused.value.code == 501  # nothing is written through the page
+
+
+# ----- the page in a real browser, on a live daemon -----------------------------------------
+
+
+def drop(site: Site, photos: dict[str, np.ndarray]) -> dict[bytes, str]:
+    """Real photos (the samples and generated ones), hostile names, and a file that fails;
+    returns each name with the outcome it must have."""
+    expected = {}
+    for sample in sorted((ROOT / "samples").glob("*.jpg")):
+        shutil.copy(sample, site.inbox / sample.name)
+        expected[sample.name.encode()] = "success"
+    for name, photo in photos.items():
+        (site.inbox / f"{name}-generated.png").write_bytes(corpus.png(photo))
+        expected[f"{name}-generated.png".encode()] = "success"
+    photo = corpus.jpeg(photos["chelsea"])
+    for name in HOSTILE:
+        with open(os.path.join(os.fsencode(site.inbox), name), "wb") as f:
+            f.write(photo)
+        expected[name] = "success"
+    bad = b"<svg onload=alert(2)> not a photo.jpg"
+    with open(os.path.join(os.fsencode(site.inbox), bad), "wb") as f:
+        f.write(b"just some text\n")
+    expected[bad] = "failed"
+    return expected
+
+
+@pytest.mark.browser
+@pytest.mark.timeout(600)
+def test_the_page_shows_the_jobs_with_their_pictures(
+    site: Site, photos: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    site.write_config()
+    site.inbox.mkdir(parents=True)
+    log = tmp_path / "daemon.log"
+    daemon = start(site.config, log=log)
+    try:
+        base = metrics_url(log)
+        expected = drop(site, photos)
+        wait_for(lambda: sum(r["outcome"] != "claimed" for r in site.rows()) == len(expected),
+                 300, "every file to finish", interval=0.5)  # fmt: skip
+        shown = {names.escape(os.fsdecode(n)): outcome for n, outcome in expected.items()}
+        with open_page(f"{base}/status/", tmp_path / "profile", tmp_path / "chromium.log") as page:
+            check_list(page, shown)
+            page.screenshot(OUTPUT / "status-page.png")
+            check_detail(page, site)
+            page.screenshot(OUTPUT / "status-job.png")
+            assert page.dialogs() == []  # no name ran a script
+    finally:
+        assert stop(daemon) == 0
+
+
+ALL_THUMBNAILS = "[...document.querySelectorAll('.job img')]"
+
+
+def check_list(page: Page, shown: dict[str, str]) -> None:
+    page.wait(f"document.querySelectorAll('.job').length === {len(shown)}", 60, "every job listed")
+    page.wait(f"{ALL_THUMBNAILS}.length > 0 && {ALL_THUMBNAILS}.every(i => i.complete)", 60,
+              "thumbnails loaded")  # fmt: skip
+    widths = page.evaluate(f"{ALL_THUMBNAILS}.map(i => i.naturalWidth)")
+    succeeded = sum(o == "success" for o in shown.values())
+    assert len(widths) == 2 * succeeded  # before and after for each published photo
+    assert all(w > 0 for w in widths)
+    listed = page.evaluate(
+        "Object.fromEntries([...document.querySelectorAll('.job')].map("
+        "j => [j.querySelector('a.name').textContent, j.dataset.outcome]))"
+    )
+    assert listed == shown  # every name as text, exactly as the journal escapes it
+    # Nothing a name holds became an element: no <img src=x>, no <script> from a name.
+    assert page.evaluate("document.querySelectorAll('img[src=\"x\"], .jobs script').length") == 0
+    reason = page.evaluate("document.querySelector('.job[data-outcome=failed] .reason')"
+                           ".textContent")  # fmt: skip
+    assert reason.startswith("unsupported_format: ")
+    inbox = page.evaluate("document.querySelector('.inbox').textContent")
+    assert "products" in inbox
+    assert "running" in inbox
+
+
+def check_detail(page: Page, site: Site) -> None:
+    hostile = names.escape(os.fsdecode(HOSTILE[0]))
+    row = next(r for r in site.rows() if r["path"] == hostile)
+    page.evaluate(f"location.hash = '#job={row['id']}'")
+    page.wait("document.querySelectorAll('#d-pictures img').length === 3 && "
+              "[...document.querySelectorAll('#d-pictures img')].every("
+              "i => i.complete && i.naturalWidth > 0)", 60, "the job's pictures")  # fmt: skip
+    assert page.evaluate("document.getElementById('d-name').textContent") == hostile
+    outputs = page.evaluate(
+        "[...document.querySelectorAll('#d-outputs li')].map(i => i.textContent)"
+    )
+    assert len(outputs) == 2  # cutout and mask, each with its size
+    assert all("bytes)" in o for o in outputs)
