@@ -11,6 +11,7 @@ pictures are missing (deleted, never made, another host) is still shown without 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -144,23 +145,43 @@ def render(picture: imaging.Picture, alpha: np.ndarray) -> dict[str, bytes]:
 
 
 def shrink(pixels: np.ndarray, long_side: int) -> np.ndarray:
-    """``pixels`` scaled down (area averaging) so the long side is at most ``long_side``."""
+    """``pixels`` scaled down so the long side is at most ``long_side``, cheaply: a large photo
+    is first sampled on a grid still twice the target (a view, no copy), then averaged by a
+    whole factor, then interpolated to the exact size. OpenCV's area filter at an arbitrary
+    factor costs 5 times as much on 1 MP, 3 times on 12 MP; thumbnails do not need it."""
+    height, width = pixels.shape[:2]
+    if max(height, width) <= long_side:
+        return pixels
+    step = max(height, width) // (2 * long_side)
+    if step >= 2:
+        pixels = pixels[::step, ::step]
+    factor = max(pixels.shape[:2]) // long_side
+    if factor >= 2:
+        height, width = pixels.shape[:2]
+        pixels = cv2.resize(pixels, (width // factor, height // factor),
+                            interpolation=cv2.INTER_AREA)  # fmt: skip
     height, width = pixels.shape[:2]
     scale = long_side / max(height, width)
-    if scale >= 1:
-        return pixels
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    shrunk: np.ndarray = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
+    shrunk: np.ndarray = cv2.resize(pixels, size, interpolation=cv2.INTER_LINEAR)
     return shrunk
+
+
+@functools.cache
+def checkerboard(height: int, width: int) -> np.ndarray:
+    """A grey-and-white board, (height, width, 3) uint8; at most :data:`LARGE` px a side, so
+    the few sizes thumbnails have are made once."""
+    rows = (np.arange(height) // CHECKER_PX)[:, None]
+    cols = (np.arange(width) // CHECKER_PX)[None, :]
+    shade = np.where((rows + cols) % 2 == 0, *CHECKER_SHADES).astype(np.uint8)
+    board: np.ndarray = cv2.merge((shade, shade, shade))
+    board.flags.writeable = False
+    return board
 
 
 def on_checkerboard(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     """The cutout over a grey-and-white checkerboard, (H, W, 3) uint8, so transparency shows."""
-    height, width = alpha.shape
-    rows = (np.arange(height) // CHECKER_PX)[:, None]
-    cols = (np.arange(width) // CHECKER_PX)[None, :]
-    shade = np.where((rows + cols) % 2 == 0, *CHECKER_SHADES).astype(np.uint8)
-    board = cv2.merge((shade, shade, shade))
+    board = checkerboard(LARGE, LARGE)[: alpha.shape[0], : alpha.shape[1]]
     weight = alpha.astype(np.float32) * np.float32(1 / 255)
     blended: np.ndarray = cv2.blendLinear(rgb, board, weight, 1 - weight)
     return blended
