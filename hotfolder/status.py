@@ -49,6 +49,12 @@ STATIC = {  # the only files served, by request path
     "/style.css": ("style.css", "text/css; charset=utf-8"),
 }
 CURSOR = re.compile(r"(\d+(?:\.\d+)?)_([0-9a-f]{32})")
+# Jobs published in the last RATE_WINDOW, by inbox. SQLite would rather walk the inbox index
+# (every row) to group by inbox; the publication index reads only the window.
+RATE_SQL = (
+    "SELECT inbox, COUNT(*) FROM jobs INDEXED BY jobs_by_publication "
+    "WHERE published_at >= ? GROUP BY inbox"
+)
 JSON_TYPE = "application/json"
 MOVED = b'<!doctype html><meta http-equiv="refresh" content="0; url=status/">\n'
 
@@ -97,11 +103,8 @@ class StatusPage:
 
     def inbox_rows(self) -> list[dict[str, Any]]:
         since = time.time() - RATE_WINDOW
-        # The planner would rather walk the inbox index (the whole table) to group by inbox.
-        sql = ("SELECT inbox, COUNT(*) FROM jobs INDEXED BY jobs_by_publication "
-               "WHERE published_at >= ? GROUP BY inbox")  # fmt: skip
         with self._db() as db:
-            published = dict(db.execute(sql, (since,)).fetchall()) if db else {}
+            published = dict(db.execute(RATE_SQL, (since,)).fetchall()) if db else {}
         rows = self.inboxes()
         for row in rows:
             row["images_per_min"] = round(published.get(row["name"], 0) * 60 / RATE_WINDOW, 1)
@@ -112,30 +115,7 @@ class StatusPage:
             limit = min(max(int(query.get("limit", DEFAULT_LIMIT)), 1), MAX_LIMIT)
         except ValueError:
             return 400, b"limit: expected a number\n", "text/plain"
-        where: list[str] = []
-        values: list[object] = []
-        if query.get("inbox"):
-            where.append("inbox = ?")
-            values.append(query["inbox"])
-        if query.get("outcome") in OUTCOMES:
-            where.append("outcome = ?")
-            values.append(query["outcome"])
-        cursor = CURSOR.fullmatch(query.get("before", ""))
-        if cursor:
-            where.append("(claimed_at, id) < (?, ?)")
-            values += [float(cursor.group(1)), cursor.group(2)]
-        source = "jobs"
-        if query.get("q"):
-            # Newest first within a bounded window: a search that matches nothing never walks
-            # the whole history.
-            clause = f"WHERE {' AND '.join(where)}" if where else ""
-            source = f"(SELECT * FROM jobs {clause} ORDER BY claimed_at DESC LIMIT ?)"
-            values.append(SEARCH_WINDOW)
-            where = ["instr(lower(path), lower(?)) > 0"]
-            values.append(query["q"])
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
-        sql = (f"SELECT {', '.join(COLUMNS)} FROM {source} {clause} "
-               "ORDER BY claimed_at DESC, id DESC LIMIT ?")  # fmt: skip
+        sql, values = jobs_query(query)
         with self._db() as db:
             rows = db.execute(sql, [*values, limit + 1]).fetchall() if db else []
         jobs = [self._job(dict(zip(COLUMNS, r, strict=True))) for r in rows[:limit]]
@@ -196,6 +176,36 @@ class StatusPage:
             yield db
         finally:
             db.close()
+
+
+def jobs_query(query: dict[str, str]) -> tuple[str, list[object]]:
+    """The SQL of one page of jobs for the filters in ``query`` (inbox, outcome, q, before),
+    newest first, and its values but the last: how many rows to return."""
+    where: list[str] = []
+    values: list[object] = []
+    if query.get("inbox"):
+        where.append("inbox = ?")
+        values.append(query["inbox"])
+    if query.get("outcome") in OUTCOMES:
+        where.append("outcome = ?")
+        values.append(query["outcome"])
+    cursor = CURSOR.fullmatch(query.get("before", ""))
+    if cursor:
+        where.append("(claimed_at, id) < (?, ?)")
+        values += [float(cursor.group(1)), cursor.group(2)]
+    source = "jobs"
+    if query.get("q"):
+        # Newest first within a bounded window: a search that matches nothing never walks the
+        # whole history.
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        source = f"(SELECT * FROM jobs {clause} ORDER BY claimed_at DESC LIMIT ?)"
+        values.append(SEARCH_WINDOW)
+        where = ["instr(lower(path), lower(?)) > 0"]
+        values.append(query["q"])
+    clause = f"WHERE {' AND '.join(where)}" if where else ""
+    sql = (f"SELECT {', '.join(COLUMNS)} FROM {source} {clause} "
+           "ORDER BY claimed_at DESC, id DESC LIMIT ?")  # fmt: skip
+    return sql, values
 
 
 def _json(value: object) -> Response:

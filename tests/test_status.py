@@ -4,9 +4,11 @@ daemon processing real photos, hostile names included."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sqlite3
 import time
 import urllib.error
 import urllib.request
@@ -20,7 +22,7 @@ import pytest
 from hotfolder import imaging, names
 from hotfolder.journal import Journal
 from hotfolder.metrics import Metrics, MetricsServer
-from hotfolder.status import StatusPage
+from hotfolder.status import RATE_SQL, StatusPage, jobs_query
 from hotfolder.thumbnails import LARGE, SMALL, Thumbnails
 
 from . import corpus
@@ -176,6 +178,35 @@ def test_requests_never_reach_the_filesystem_by_path(
         urllib.request.urlopen(request, timeout=10)
     refused.value.close()
     assert refused.value.code == 501  # nothing is written through the page
+
+
+@pytest.mark.parametrize(
+    "query",
+    [{}, {"inbox": "a"}, {"outcome": "failed"}, {"inbox": "a", "outcome": "success"},
+     {"before": f"1000010.0_{job_id(10)}"}, {"q": "photo", "inbox": "b"}],
+)  # fmt: skip
+def test_every_query_reads_through_an_index(tmp_path: Path, query: dict[str, str]) -> None:
+    """No request walks the table: each query searches an index, or walks the time index
+    newest first under a LIMIT (it stops there)."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    add_jobs(journal, 50)
+    sql, values = jobs_query(query)
+    plans = {
+        "rate": plan(tmp_path, RATE_SQL, [0.0]),
+        "jobs": plan(tmp_path, sql, [*values, 26]),
+    }
+    journal.close()
+    assert "SEARCH jobs USING INDEX jobs_by_publication" in plans["rate"][0]
+    for line in plans["jobs"]:
+        if "jobs" in line.split():
+            assert line.startswith("SEARCH jobs USING") or (
+                line == "SCAN jobs USING INDEX jobs_by_time"
+            ), plans["jobs"]
+
+
+def plan(folder: Path, sql: str, values: list[object]) -> list[str]:
+    with contextlib.closing(sqlite3.connect(folder / "journal.sqlite3")) as db:
+        return [row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", values)]
 
 
 # ----- the page in a real browser, on a live daemon -----------------------------------------
