@@ -22,7 +22,8 @@ import pytest
 from hotfolder import imaging, names
 from hotfolder.journal import Journal
 from hotfolder.metrics import Metrics, MetricsServer
-from hotfolder.status import RATE_SQL, StatusPage, jobs_query
+from hotfolder.roots import Pause, Root
+from hotfolder.status import RATE_SQL, StatusPage, inbox_states, jobs_query
 from hotfolder.thumbnails import LARGE, SMALL, Thumbnails
 
 from . import corpus
@@ -180,6 +181,23 @@ def test_requests_never_reach_the_filesystem_by_path(
     assert refused.value.code == 501  # nothing is written through the page
 
 
+def test_inboxes_show_backlog_last_success_and_why_intake_is_paused(tmp_path: Path) -> None:
+    metrics = Metrics()
+    metrics.add_inbox("products")
+    metrics.pending.labels("products").set(7)
+    metrics.oldest_pending.labels("products").set(42.5)
+    metrics.last_success.labels("products").set(1_700_000_000)
+    pause = Pause(1.0)
+    states = inbox_states(lambda: ["products"], metrics.registry, pause.reasons)
+    page = StatusPage(tmp_path / "journal.sqlite3", Thumbnails(tmp_path / "t"), states)
+    assert page.inbox_rows() == [
+        {"name": "products", "waiting": 7, "oldest_waiting_s": 42.5, "paused": False,
+         "paused_why": [], "last_success": 1_700_000_000, "images_per_min": 0},
+    ]  # fmt: skip
+    pause.hold(Root.of(tmp_path), "disk_full", time.monotonic())
+    assert page.inbox_rows()[0]["paused_why"] == ["disk_full"]
+
+
 @pytest.mark.parametrize(
     "query",
     [{}, {"inbox": "a"}, {"outcome": "failed"}, {"inbox": "a", "outcome": "success"},
@@ -252,6 +270,7 @@ def test_the_page_shows_the_jobs_with_their_pictures(
         with open_page(f"{base}/status/", tmp_path / "profile", tmp_path / "chromium.log") as page:
             check_list(page, shown)
             page.screenshot(OUTPUT / "status-page.png")
+            check_phone(page)
             check_detail(page, site)
             page.screenshot(OUTPUT / "status-job.png")
             assert page.dialogs() == []  # no name ran a script
@@ -298,3 +317,14 @@ def check_detail(page: Page, site: Site) -> None:
     )
     assert len(outputs) == 2  # cutout and mask, each with its size
     assert all("bytes)" in o for o in outputs)
+
+
+def check_phone(page: Page) -> None:
+    """On a phone's screen the page fits its width (nothing to scroll sideways)."""
+    page.send("Emulation.setDeviceMetricsOverride", width=390, height=844,
+              deviceScaleFactor=2, mobile=True)  # fmt: skip
+    page.wait("innerWidth === 390", 30, "the phone's viewport")
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390
+    page.screenshot(OUTPUT / "status-phone.png")
+    page.send("Emulation.clearDeviceMetricsOverride")
