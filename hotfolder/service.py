@@ -70,7 +70,9 @@ class Service:
         self.decode = Decode(self.pipeline, self.outcomes)
         self.infer = Infer(self.pipeline, self.outcomes)
         # Pictures for the status page, which is served with the metrics.
-        self.thumbnails = Thumbnails(thumbnail_folder(cfg)) if cfg.metrics.listen else None
+        self.thumbnails: Thumbnails | None = None
+        if cfg.metrics.listen and cfg.metrics.thumbnails_mb:
+            self.thumbnails = Thumbnails(thumbnail_folder(cfg), cfg.metrics.thumbnails_mb * 2**20)
         self.publish = Publish(self.pipeline, self.outcomes, self.thumbnails)
         self.fatal: BaseException | None = None
         self.threads: list[threading.Thread] = []
@@ -156,10 +158,11 @@ class Service:
                                         self._status_page().handle)  # fmt: skip
 
     def _status_page(self) -> StatusPage:
-        assert self.thumbnails is not None  # made whenever there is a listener
+        # Without thumbnails (thumbnails_mb: 0) the page lists jobs without pictures.
+        thumbnails = self.thumbnails or Thumbnails(thumbnail_folder(self.config), 0)
         states = inbox_states(lambda: [i.config.name for i in self.inboxes.active],
                               self.metrics.registry, self.pipeline.pause.reasons)  # fmt: skip
-        return StatusPage(self.config.journal, self.thumbnails, states)
+        return StatusPage(self.config.journal, thumbnails, states)
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():

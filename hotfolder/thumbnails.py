@@ -4,9 +4,10 @@ stage already holds (no second decode), kept under the state folder beside the j
 Each job gets JPEGs named only by its job id (``<id>.<view>.jpg``): the photo and the cutout on
 a checkerboard (so transparency shows) at :data:`SMALL` px on the long side for lists, and the
 photo, the cutout and the mask at :data:`LARGE` px for a job's own page. The folder is kept
-under a size cap: when a new job's pictures push it over, the oldest jobs' pictures go first.
-They are a cache for people looking, not a record: written without fsync, and a job whose
-pictures are missing (deleted, never made, another host) is still shown without them.
+under a size cap (``metrics.thumbnails_mb``): when a new job's pictures push it over, the
+oldest jobs' pictures go first. They are a cache for people looking, not a record: written
+without fsync, and a job whose pictures are missing (deleted, never made, another host) is
+still shown without them.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 SMALL = 256  # px, long side: lists
 LARGE = 640  # px, long side: a job's own page
 QUALITY = 80  # JPEG
-DEFAULT_MAX_BYTES = 256 * 2**20
+DEFAULT_MAX_BYTES = 512 * 2**20
 CHECKER_PX = 8  # side of one checkerboard square in a thumbnail
 CHECKER_SHADES = (204, 255)
 # Which picture at which size, by the name a request may ask for (nothing else is served).
