@@ -78,14 +78,15 @@ class Thumbnails:
 
     def save(self, job_id: str, picture: imaging.Picture, alpha: np.ndarray) -> None:
         """Make and store a job's pictures; ``alpha`` is the predicted matte, (H, W) uint8.
-        Never raises for a full or unwritable disk: the job matters, its pictures do not."""
+        Never raises: the job matters, its pictures do not (a full disk, or a picture OpenCV
+        refuses, must not stop the publish thread that calls this)."""
         try:
             pictures = render(picture, alpha)
             self.folder.mkdir(parents=True, exist_ok=True)
             size = sum(self._write(job_id, view, data) for view, data in pictures.items())
-        except OSError as exc:
-            if not self._warned:
-                log.warning("thumbnails not saved in %s: %s", self.folder, exc)
+        except Exception as exc:
+            if not self._warned:  # once: a full disk would say it for every job
+                log.warning("thumbnails not saved in %s: %r", self.folder, exc)
                 self._warned = True
             return
         with self._lock:
@@ -159,8 +160,8 @@ def shrink(pixels: np.ndarray, long_side: int) -> np.ndarray:
     factor = max(pixels.shape[:2]) // long_side
     if factor >= 2:
         height, width = pixels.shape[:2]
-        pixels = cv2.resize(pixels, (width // factor, height // factor),
-                            interpolation=cv2.INTER_AREA)  # fmt: skip
+        size = (max(1, width // factor), max(1, height // factor))  # a panorama 1 px high
+        pixels = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
     height, width = pixels.shape[:2]
     scale = long_side / max(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))

@@ -74,6 +74,20 @@ def test_thumbnails_are_small_jpegs_with_the_cutout_on_a_checkerboard(
     assert abs(corner.max() - 255) < 12
 
 
+@pytest.mark.parametrize("shape", [(1, 2000), (3000, 1), (1, 1), (700, 513)])
+def test_thumbnails_of_extreme_shapes(tmp_path: Path, shape: tuple[int, int]) -> None:
+    """A one-pixel-high panorama has thumbnails too (at least one pixel high)."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    store = Thumbnails(tmp_path / "thumbs")
+    store.save(job_id(1), imaging.Picture(rgb, None), np.full(shape, 200, np.uint8))
+    path = store.path(job_id(1), "after")
+    assert path is not None
+    decoded = cv2.imdecode(np.frombuffer(path.read_bytes(), np.uint8), cv2.IMREAD_COLOR)
+    assert max(decoded.shape[:2]) == min(max(shape), SMALL)
+    assert min(decoded.shape[:2]) >= 1
+
+
 def test_thumbnails_stay_under_the_cap_oldest_first(
     tmp_path: Path, photos: dict[str, np.ndarray]
 ) -> None:
