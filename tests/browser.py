@@ -160,11 +160,13 @@ def open_page(url: str, profile: Path, log: Path) -> Iterator[Page]:
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
     try:
         page = Page(_page_socket(profile, process))
-        page.send("Page.enable")
-        page.send("Runtime.enable")
-        page.send("Page.navigate", url=url)
-        yield page
-        page.ws.close()
+        try:
+            page.send("Page.enable")
+            page.send("Runtime.enable")
+            page.send("Page.navigate", url=url)
+            yield page
+        finally:
+            page.ws.close()
     finally:
         process.terminate()
         try:

@@ -284,6 +284,8 @@ def test_the_page_shows_the_jobs_with_their_pictures(
         with open_page(f"{base}/status/", tmp_path / "profile", tmp_path / "chromium.log") as page:
             check_list(page, shown)
             page.screenshot(OUTPUT / "status-page.png")
+            check_filter(page)
+            check_refresh(page, site, photos)
             check_phone(page)
             check_detail(page, site)
             page.screenshot(OUTPUT / "status-job.png")
@@ -331,6 +333,27 @@ def check_detail(page: Page, site: Site) -> None:
     )
     assert len(outputs) == 2  # cutout and mask, each with its size
     assert all("bytes)" in o for o in outputs)
+
+
+def check_filter(page: Page) -> None:
+    """Choosing an outcome lists only those jobs; choosing "all" again lists every one."""
+    count = page.evaluate("document.querySelectorAll('.job').length")
+    choose = ("(() => {{ const s = document.getElementById('f-outcome'); s.value = '{}'; "
+              "s.dispatchEvent(new Event('change')); }})()")  # fmt: skip
+    page.evaluate(choose.format("failed"))
+    page.wait("document.querySelectorAll('.job').length === 1", 30, "only the failed job")
+    assert page.evaluate("document.querySelector('.job').dataset.outcome") == "failed"
+    page.evaluate(choose.format(""))
+    page.wait(f"document.querySelectorAll('.job').length === {count}", 30, "every job again")
+
+
+def check_refresh(page: Page, site: Site, photos: dict[str, np.ndarray]) -> None:
+    """A photo dropped while the page is open appears on it, without the page reloading."""
+    page.evaluate("window.stillTheSamePage = true")
+    (site.inbox / "dropped later.jpg").write_bytes(corpus.jpeg(photos["coffee"]))
+    page.wait("[...document.querySelectorAll('.job a.name')].some("
+              "a => a.textContent === 'dropped later.jpg')", 120, "the new job")  # fmt: skip
+    assert page.evaluate("window.stillTheSamePage") is True
 
 
 def check_phone(page: Page) -> None:
