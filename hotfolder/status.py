@@ -79,6 +79,12 @@ class StatusPage:
 
     def handle(self, target: str) -> Response | None:
         """The answer to ``GET target``; None when the path is not the status page's."""
+        try:
+            return self._route(target)
+        except sqlite3.Error as exc:  # busy past the timeout, damaged: say so, not a reset
+            return 503, f"the journal cannot be read: {exc}\n".encode(), "text/plain"
+
+    def _route(self, target: str) -> Response | None:
         url = urlsplit(target)
         if url.path != PREFIX and not url.path.startswith(PREFIX + "/"):
             return None

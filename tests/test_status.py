@@ -212,6 +212,20 @@ def test_inboxes_show_backlog_last_success_and_why_intake_is_paused(tmp_path: Pa
     assert page.inbox_rows()[0]["paused_why"] == ["disk_full"]
 
 
+def test_a_journal_that_cannot_be_read_is_a_503(tmp_path: Path) -> None:
+    (tmp_path / "journal.sqlite3").write_bytes(b"not a database\n" * 100)
+    page = StatusPage(tmp_path / "journal.sqlite3", Thumbnails(tmp_path / "t"), lambda: [])
+    server = MetricsServer("127.0.0.1:0", Metrics(), lambda: (True, {}), lambda: (True, {}),
+                           page.handle)  # fmt: skip
+    server.start()
+    try:
+        status, body, _ = get(f"http://127.0.0.1:{server.port}/status/api/jobs")
+    finally:
+        server.stop()
+    assert status == 503
+    assert body.startswith(b"the journal cannot be read")
+
+
 @pytest.mark.parametrize(
     "query",
     [{}, {"inbox": "a"}, {"outcome": "failed"}, {"inbox": "a", "outcome": "success"},
