@@ -59,6 +59,9 @@ class Thumbnails:
             return
         jobs: dict[str, tuple[float, int]] = {}
         for entry in entries:
+            if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+                _unlink(Path(entry.path))  # a write cut short by a crash
+                continue
             job_id = entry.name.split(".", 1)[0]
             if not JOB_ID.fullmatch(job_id) or not entry.is_file(follow_symlinks=False):
                 continue
@@ -85,6 +88,7 @@ class Thumbnails:
             self.folder.mkdir(parents=True, exist_ok=True)
             size = sum(self._write(job_id, view, data) for view, data in pictures.items())
         except Exception as exc:
+            self._forget(job_id)  # all of a job's pictures or none: nothing outside the cap
             if not self._warned:  # once: a full disk would say it for every job
                 log.warning("thumbnails not saved in %s: %r", self.folder, exc)
                 self._warned = True
@@ -100,9 +104,18 @@ class Thumbnails:
         path = self.path(job_id, view)
         assert path is not None
         temp = path.with_name(f".{path.name}.tmp")
-        temp.write_bytes(data)
-        os.replace(temp, path)  # a reader sees the whole picture or none
+        try:
+            temp.write_bytes(data)
+            os.replace(temp, path)  # a reader sees the whole picture or none
+        except OSError:
+            _unlink(temp)
+            raise
         return len(data)
+
+    def _forget(self, job_id: str) -> None:
+        with self._lock:
+            self._total -= self._jobs.pop(job_id, 0)
+        self._delete(job_id)
 
     def _evict(self) -> list[str]:
         """The oldest jobs to drop so the folder fits the cap (the newest job always stays)."""
@@ -117,17 +130,19 @@ class Thumbnails:
         for view in VIEWS:
             path = self.path(job_id, view)
             if path is not None:
-                try:
-                    path.unlink()
-                except FileNotFoundError:
-                    pass
-                except OSError as exc:
-                    log.debug("cannot delete thumbnail %s: %s", path, exc)
+                _unlink(path)
 
     @property
     def total_bytes(self) -> int:
         with self._lock:
             return self._total
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        log.debug("cannot delete thumbnail %s: %s", path, exc)
 
 
 def render(picture: imaging.Picture, alpha: np.ndarray) -> dict[str, bytes]:

@@ -110,6 +110,21 @@ def test_thumbnails_stay_under_the_cap_oldest_first(
     assert kept == [job_id(5), job_id(6), job_id(7)]
 
 
+def test_a_job_whose_pictures_cannot_all_be_written_leaves_none(
+    tmp_path: Path, photos: dict[str, np.ndarray]
+) -> None:
+    """A write that fails part way (a full disk; here a folder where a picture belongs) leaves
+    no temporary file and no half of a job's pictures: nothing the cap does not count."""
+    photo = photos["coffee"]
+    folder = tmp_path / "thumbs"
+    (folder / f"{job_id(1)}.after-large.jpg").mkdir(parents=True)
+    (folder / f".{job_id(0)}.before.jpg.tmp").write_bytes(b"half")  # a crash's: gone at start
+    store = Thumbnails(folder)
+    store.save(job_id(1), imaging.Picture(photo, None), matte(photo))
+    assert sorted(p.name for p in folder.iterdir()) == [f"{job_id(1)}.after-large.jpg"]
+    assert store.total_bytes == 0
+
+
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[str, Journal]]:
     """A status page on a real journal and a real listener (no daemon)."""
