@@ -5,7 +5,8 @@ Each job gets JPEGs named only by its job id (``<id>.<view>.jpg``): the photo an
 a checkerboard (so transparency shows) at :data:`SMALL` px on the long side for lists, and the
 photo, the cutout and the mask at :data:`LARGE` px for a job's own page. The folder is kept
 under a size cap (``metrics.thumbnails_mb``): when a new job's pictures push it over, the
-oldest jobs' pictures go first. They are a cache for people looking, not a record: written
+oldest jobs' pictures go first, and at start a cap lowered since the last run (0: none) holds
+at once. They are a cache for people looking, not a record: written
 without fsync, and a job whose pictures are missing (deleted, never made, another host) is
 still shown without them.
 """
@@ -50,6 +51,9 @@ class Thumbnails:
         self._total = 0
         self._warned = False
         self._load()
+        # A cap lowered since the last run (0 included) holds from the start, not the next job.
+        for old in self._evict(keep=0):
+            self._delete(old)
 
     def _load(self) -> None:
         """What earlier runs left, oldest first: read once at start, never per request."""
@@ -117,10 +121,11 @@ class Thumbnails:
             self._total -= self._jobs.pop(job_id, 0)
         self._delete(job_id)
 
-    def _evict(self) -> list[str]:
-        """The oldest jobs to drop so the folder fits the cap (the newest job always stays)."""
+    def _evict(self, keep: int = 1) -> list[str]:
+        """The oldest jobs to drop so the folder fits the cap, all but the newest ``keep``
+        (the job just saved stays, even alone over the cap)."""
         evicted = []
-        while self._total > self.max_bytes and len(self._jobs) > 1:
+        while self._total > self.max_bytes and len(self._jobs) > keep:
             job_id, size = self._jobs.popitem(last=False)
             self._total -= size
             evicted.append(job_id)

@@ -125,6 +125,25 @@ def test_a_job_whose_pictures_cannot_all_be_written_leaves_none(
     assert store.total_bytes == 0
 
 
+@pytest.mark.parametrize("cap", [0, 1])
+def test_a_lower_cap_at_start_deletes_the_oldest_pictures_at_once(
+    tmp_path: Path, photos: dict[str, np.ndarray], cap: int
+) -> None:
+    """Pictures an earlier run kept are trimmed to the cap as the daemon starts, not at the next
+    job: with ``thumbnails_mb: 0`` none are left to show."""
+    photo = photos["coffee"]
+    picture, alpha = imaging.Picture(photo, None), matte(photo)
+    store = Thumbnails(tmp_path / "thumbs")
+    for n in range(3):
+        store.save(job_id(n), picture, alpha)
+        time.sleep(0.01)  # distinct modification times: the order a restart sees
+    one_job = store.total_bytes // 3
+    again = Thumbnails(tmp_path / "thumbs", max_bytes=cap * one_job)
+    kept = sorted({p.name.split(".")[0] for p in (tmp_path / "thumbs").iterdir()})
+    assert kept == [job_id(n) for n in range(3 - cap, 3)]
+    assert again.total_bytes <= again.max_bytes
+
+
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[str, Journal]]:
     """A status page on a real journal and a real listener (no daemon)."""
