@@ -121,6 +121,11 @@ class StatusPage:
             limit = min(max(int(query.get("limit", DEFAULT_LIMIT)), 1), MAX_LIMIT)
         except ValueError:
             return 400, b"limit: expected a number\n", "text/plain"
+        # Ignored, they would answer every job, or the first page again, as if applied.
+        if query.get("outcome", OUTCOMES[0]) not in OUTCOMES:
+            return 400, f"outcome: expected one of {', '.join(OUTCOMES)}\n".encode(), "text/plain"
+        if "before" in query and not CURSOR.fullmatch(query["before"]):
+            return 400, b"before: expected the next of an earlier page\n", "text/plain"
         sql, values = jobs_query(query)
         with self._db() as db:
             rows = db.execute(sql, [*values, limit + 1]).fetchall() if db else []

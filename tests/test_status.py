@@ -200,6 +200,21 @@ def test_jobs_are_paged_newest_first_and_filtered(served: tuple[str, Journal]) -
     assert len(json.loads(body)["jobs"]) == 30  # capped at 100 a page
 
 
+def test_a_filter_or_cursor_the_page_cannot_apply_is_refused(served: tuple[str, Journal]) -> None:
+    """An unknown outcome or a damaged cursor is a 400 that says so: answering every job, or the
+    first page again, would pass for a filtered list or the next page (a script paging on
+    ``next`` would loop for ever)."""
+    url, journal = served
+    add_jobs(journal, 3)
+    for query in ("outcome=error", "outcome=FAILED", "before=abc", f"before=-1_{job_id(1)}",
+                  f"before=1e9_{job_id(1)}", "before=1000001.0"):  # fmt: skip
+        status, body, _ = get(f"{url}/status/api/jobs?{query}")
+        assert status == 400, query
+        assert body.startswith(query.split("=")[0].encode() + b": "), body
+    for query in ("outcome=", "before=", "outcome=failed", f"before=1000001.0_{job_id(1)}"):
+        assert get(f"{url}/status/api/jobs?{query}")[0] == 200, query
+
+
 def test_requests_never_reach_the_filesystem_by_path(
     served: tuple[str, Journal], tmp_path: Path
 ) -> None:
