@@ -200,11 +200,15 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(self, status: int, body: bytes, content_type: str) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
-        for header, value in SECURITY_HEADERS.items():
-            self.send_header(header, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def end_headers(self) -> None:
+        # Here, not in _send: the server's own refusals (501, 414) are same-origin pages too.
+        for header, value in SECURITY_HEADERS.items():
+            self.send_header(header, value)
+        super().end_headers()
 
     def log_message(self, format: str, *args: object) -> None:
         pass  # scrapes every few seconds would drown the log

@@ -21,7 +21,7 @@ import pytest
 
 from hotfolder import imaging, names
 from hotfolder.journal import Journal
-from hotfolder.metrics import Metrics, MetricsServer
+from hotfolder.metrics import SECURITY_HEADERS, Metrics, MetricsServer
 from hotfolder.roots import Pause, Root
 from hotfolder.status import RATE_SQL, StatusPage, inbox_states, jobs_query
 from hotfolder.thumbnails import LARGE, SMALL, Thumbnails
@@ -242,6 +242,24 @@ def test_requests_never_reach_the_filesystem_by_path(
         urllib.request.urlopen(request, timeout=10)
     refused.value.close()
     assert refused.value.code == 501  # nothing is written through the page
+
+
+def test_refusals_carry_the_security_headers_too(served: tuple[str, Journal]) -> None:
+    """The answers the HTTP server makes itself (a method other than GET, a request line too
+    long) are HTML pages from the same origin: they carry the same headers as the page."""
+    url, _ = served
+    policy = SECURITY_HEADERS["Content-Security-Policy"]
+    for method in ("POST", "PUT", "DELETE", "OPTIONS", "HEAD"):
+        request = urllib.request.Request(f"{url}/status/api/jobs", method=method)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        refused.value.close()
+        assert refused.value.code == 501, method
+        assert refused.value.headers["Content-Security-Policy"] == policy, method
+        assert refused.value.headers["X-Content-Type-Options"] == "nosniff", method
+    status, _, headers = get(f"{url}/status/api/jobs?q={'a' * 70_000}")
+    assert status == 414
+    assert headers["Content-Security-Policy"] == policy
 
 
 def test_inboxes_show_backlog_last_success_and_why_intake_is_paused(tmp_path: Path) -> None:
