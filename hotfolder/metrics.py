@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -242,6 +244,13 @@ class MetricsServer(ThreadingHTTPServer):
         self.readiness = readiness
         self.pages = pages
         self._thread = threading.Thread(target=self.serve_forever, name="metrics", daemon=True)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A browser that leaves mid-answer (the status page's refresh, a thumbnail) is routine:
+        # no traceback in the log for each one.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
 
     @property
     def port(self) -> int:

@@ -8,7 +8,10 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import sqlite3
+import struct
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -260,6 +263,24 @@ def test_refusals_carry_the_security_headers_too(served: tuple[str, Journal]) ->
     status, _, headers = get(f"{url}/status/api/jobs?q={'a' * 70_000}")
     assert status == 414
     assert headers["Content-Security-Policy"] == policy
+
+
+def test_a_client_that_leaves_mid_answer_is_no_error(
+    served: tuple[str, Journal], capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A browser that leaves the page while an answer is on its way (the 5 s refresh, a
+    thumbnail half sent) is routine: no traceback in the daemon's log for each one."""
+    url, journal = served
+    add_jobs(journal, 100)
+    port = int(url.rsplit(":", 1)[1])
+    for _ in range(5):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(b"GET /status/api/jobs?limit=100 HTTP/1.1\r\nHost: x\r\n\r\n")
+            # Closed at once with a reset: the answer finds the connection gone.
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    wait_for(lambda: not any("process_request" in t.name for t in threading.enumerate()), 60,
+             "the answers to end")  # fmt: skip
+    assert "Traceback" not in capfd.readouterr().err
 
 
 def test_inboxes_show_backlog_last_success_and_why_intake_is_paused(tmp_path: Path) -> None:
