@@ -91,6 +91,7 @@ class DaemonConfig:
 @dataclass(frozen=True)
 class MetricsConfig:
     listen: str = "127.0.0.1:9108"
+    thumbnails_mb: int = 512  # the status page's pictures, beside the journal; 0: none
 
 
 @dataclass(frozen=True)
@@ -219,14 +220,15 @@ def _batching(raw: Any) -> BatchingConfig:
 
 def _metrics(raw: Any) -> MetricsConfig:
     section = _mapping(raw, "metrics")
-    _known(section, "metrics", {"listen"})
+    _known(section, "metrics", {"listen", "thumbnails_mb"})
     listen = _get(section, "metrics.listen", str, MetricsConfig.listen)
     host, _, port = listen.rpartition(":")
     if listen and not (host and port.isdigit() and int(port) < 65536):
         raise ConfigError(
             f"metrics.listen: {listen!r} is not host:port (e.g. 127.0.0.1:9108; '' turns it off)"
         )
-    return MetricsConfig(listen=listen)
+    thumbnails = _non_negative(section, "metrics.thumbnails_mb", MetricsConfig.thumbnails_mb)
+    return MetricsConfig(listen=listen, thumbnails_mb=thumbnails)
 
 
 def _daemon(raw: Any) -> DaemonConfig:

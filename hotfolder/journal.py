@@ -44,6 +44,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     host TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_time ON jobs (claimed_at);
+-- The status page's filters and its images-per-minute, without a scan of the table.
+CREATE INDEX IF NOT EXISTS jobs_by_inbox ON jobs (inbox, claimed_at);
+CREATE INDEX IF NOT EXISTS jobs_by_outcome ON jobs (outcome, claimed_at);
+CREATE INDEX IF NOT EXISTS jobs_by_publication ON jobs (published_at);
 CREATE TABLE IF NOT EXISTS output_names (
     path TEXT PRIMARY KEY,
     owner TEXT NOT NULL

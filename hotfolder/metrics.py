@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -39,6 +41,16 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 # A check returns (healthy, details for people).
 Check = Callable[[], tuple[bool, dict[str, object]]]
+# More pages (the status page): a request's target → (status, body, content type), or None.
+Pages = Callable[[str], tuple[int, bytes, str] | None]
+# Nothing served here runs a script from elsewhere, is framed, or is cached by a proxy.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; object-src 'none'; base-uri 'none'; "
+    "frame-ancestors 'none'; form-action 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
 
 
 class Metrics:
@@ -181,8 +193,11 @@ class _Handler(BaseHTTPRequestHandler):
             ok, details = check()
             body = json.dumps({"status": "ok" if ok else "failing", **details}, indent=1)
             self._send(200 if ok else 503, body.encode() + b"\n", "application/json")
+        elif (page := self.server.pages(self.path)) is not None:
+            self._send(*page)
         else:
-            self._send(404, b"not found: try /metrics, /healthz or /readyz\n", "text/plain")
+            missing = b"not found: try /metrics, /healthz, /readyz or /status\n"
+            self._send(404, missing, "text/plain")
 
     def _send(self, status: int, body: bytes, content_type: str) -> None:
         self.send_response(status)
@@ -191,17 +206,30 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def end_headers(self) -> None:
+        # Here, not in _send: the server's own refusals (501, 414) are same-origin pages too.
+        for header, value in SECURITY_HEADERS.items():
+            self.send_header(header, value)
+        super().end_headers()
+
     def log_message(self, format: str, *args: object) -> None:
         pass  # scrapes every few seconds would drown the log
 
 
 class MetricsServer(ThreadingHTTPServer):
-    """``/metrics``, ``/healthz`` (process, stages and watchers alive) and ``/readyz`` (model
-    warm, intake open) on ``host:port``."""
+    """``/metrics``, ``/healthz`` (process, stages and watchers alive), ``/readyz`` (model
+    warm, intake open) and the ``pages`` (the status page) on ``host:port``."""
 
     daemon_threads = True
 
-    def __init__(self, listen: str, metrics: Metrics, health: Check, readiness: Check) -> None:
+    def __init__(
+        self,
+        listen: str,
+        metrics: Metrics,
+        health: Check,
+        readiness: Check,
+        pages: Pages = lambda target: None,
+    ) -> None:
         """Binds the address at once; raises ConfigError when it cannot (taken, not local)."""
         host, _, port = listen.rpartition(":")
         try:
@@ -214,7 +242,15 @@ class MetricsServer(ThreadingHTTPServer):
         self.metrics = metrics
         self.health = health
         self.readiness = readiness
+        self.pages = pages
         self._thread = threading.Thread(target=self.serve_forever, name="metrics", daemon=True)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A browser that leaves mid-answer (the status page's refresh, a thumbnail) is routine:
+        # no traceback in the log for each one.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
 
     @property
     def port(self) -> int:

@@ -40,7 +40,9 @@ from hotfolder.stages.decode import Decode
 from hotfolder.stages.infer import Infer
 from hotfolder.stages.intake import Intake
 from hotfolder.stages.publish import Publish
+from hotfolder.status import StatusPage, inbox_states
 from hotfolder.systemd import Notifier
+from hotfolder.thumbnails import Thumbnails, thumbnail_folder
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +73,11 @@ class Service:
         self.intake = Intake(self.pipeline, self.outcomes)
         self.decode = Decode(self.pipeline, self.outcomes)
         self.infer = Infer(self.pipeline, self.outcomes)
-        self.publish = Publish(self.pipeline, self.outcomes)
+        # Pictures for the status page, which is served with the metrics.
+        self.thumbnails: Thumbnails | None = None
+        if cfg.metrics.listen and cfg.metrics.thumbnails_mb:
+            self.thumbnails = Thumbnails(thumbnail_folder(cfg), cfg.metrics.thumbnails_mb * 2**20)
+        self.publish = Publish(self.pipeline, self.outcomes, self.thumbnails)
         self.fatal: BaseException | None = None
         self.threads: list[threading.Thread] = []
         self.last_step: dict[str, float] = {}
@@ -153,7 +159,15 @@ class Service:
         """Raises ConfigError when the metrics address cannot be bound."""
         listen = self.config.metrics.listen
         if listen and not self.once:
-            self.server = MetricsServer(listen, self.metrics, self.health, self.readiness)
+            self.server = MetricsServer(listen, self.metrics, self.health, self.readiness,
+                                        self._status_page().handle)  # fmt: skip
+
+    def _status_page(self) -> StatusPage:
+        # Without thumbnails (thumbnails_mb: 0) the page lists jobs without pictures.
+        thumbnails = self.thumbnails or Thumbnails(thumbnail_folder(self.config), 0)
+        states = inbox_states(lambda: [i.config.name for i in self.inboxes.active],
+                              self.metrics.registry, self.pipeline.pause.reasons)  # fmt: skip
+        return StatusPage(self.config.journal, thumbnails, states)
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():

@@ -49,6 +49,7 @@ def parse(tmp_path: Path, text: str) -> config.Config:
         ("batching: {max_wait_ms: true}", "batching.max_wait_ms: expected int, got True"),
         ("model: {precision: fp8}", "model.precision: 'fp8' is not one of auto, fp32, fp16, bf16"),
         ("model: {cpu_threads: -1}", "model.cpu_threads: must be 0 or more, got -1"),
+        ("metrics: {thumbnails_mb: -1}", "metrics.thumbnails_mb: must be 0 or more, got -1"),
         ("model: {compile: yes please}", "model.compile: expected bool, got 'yes please'"),
         ("limits: {max_pixels: 2000000000}", "limits.max_pixels: at most 1073741824"),
         ("model: [u2netp]", "model: expected a mapping"),

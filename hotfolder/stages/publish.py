@@ -18,6 +18,7 @@ from hotfolder.inboxes import Inbox
 from hotfolder.jobs import ImageError, Reason
 from hotfolder.outcomes import Outcomes, decide, file_original
 from hotfolder.pipeline import QUEUE_POLL, SPACE_MARGIN, Inferred, Pipeline
+from hotfolder.thumbnails import Thumbnails
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +26,12 @@ log = logging.getLogger(__name__)
 class Publish:
     """One of the publish pool's threads runs ``step`` in a loop."""
 
-    def __init__(self, pipeline: Pipeline, outcomes: Outcomes) -> None:
+    def __init__(
+        self, pipeline: Pipeline, outcomes: Outcomes, thumbnails: Thumbnails | None = None
+    ) -> None:
         self.pipeline = pipeline
         self.outcomes = outcomes
+        self.thumbnails = thumbnails  # for the status page, when it is served
 
     def step(self) -> bool:
         """Publish one inferred file; False at the stop sentinel."""
@@ -94,6 +98,8 @@ class Publish:
         outputs = [names.escape(str(inbox.config.outbox / path)) for path, _ in files]
         record = {**inference, "attempts": claim.attempts, "sha256": decoded.sha256,
                   "outputs": outputs}  # fmt: skip
+        if self.thumbnails is not None:  # before the journal says success: the page shows both
+            self.thumbnails.save(claim.job_id, picture, item.alpha)
         self.outcomes.close_archived(inbox, claim, record, timings, item.batch_size)
 
     def output_names(self, inbox: Inbox, claim: Claim) -> list[PurePosixPath]:
