@@ -26,9 +26,24 @@ def byte_length(name: str) -> int:
     return len(os.fsencode(name))
 
 
+# Bidirectional controls (Unicode's Bidi_Control property): shown as they are, U+202E would
+# display "gpj.exe" reversed, so one user's photo could pass for another's on the status page.
+_BIDI_CONTROLS = frozenset([0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)])
+
+
+def _invisible(code: int) -> bool:
+    """A C0 or C1 control character or a bidirectional control: shown as its bytes."""
+    return code < 0x20 or 0x7F <= code <= 0x9F or code in _BIDI_CONTROLS
+
+
+def _as_bytes(char: str) -> str:
+    return "".join(f"\\x{byte:02x}" for byte in char.encode("utf-8"))
+
+
 def escape(name: str) -> str:
     """``name`` as printable text, losslessly: a backslash becomes ``\\\\``, a control character
-    or a byte that is not UTF-8 becomes ``\\xNN`` (the byte's value), everything else stays.
+    (C0, C1, or a bidirectional control such as U+202E) or a byte that is not UTF-8 becomes
+    ``\\xNN`` for each of its bytes, everything else stays.
 
     >>> escape("caf\\udce9.jpg"), escape("line\\nbreak.jpg")
     ('caf\\\\xe9.jpg', 'line\\\\x0abreak.jpg')
@@ -43,8 +58,8 @@ def escape(name: str) -> str:
             out.append("\\\\")
         elif 0xDC80 <= code <= 0xDCFF:  # surrogateescape: the undecodable byte code - 0xDC00
             out.append(f"\\x{code - 0xDC00:02x}")
-        elif code < 0x20 or code == 0x7F:
-            out.append(f"\\x{code:02x}")
+        elif _invisible(code):
+            out.append(_as_bytes(char))
         else:
             out.append(char)
     return "".join(out)
@@ -57,7 +72,7 @@ def printable(text: str) -> str:
     messages, never to store a name."""
     return "".join(
         f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF
-        else f"\\x{ord(c):02x}" if ord(c) < 0x20 or ord(c) == 0x7F
+        else _as_bytes(c) if _invisible(ord(c))
         else c
         for c in text
     )  # fmt: skip

@@ -34,6 +34,16 @@ def test_escape_shows_the_bytes() -> None:
     assert names.escape("café 字.jpg") == "café 字.jpg"
 
 
+def test_escape_shows_invisible_and_direction_controls_as_bytes() -> None:
+    # U+202E would show "photo-\u202egpj.exe" as "photo-exe.jpg"; U+0085 is a C1 line break.
+    for name, shown in [("photo-\u202egpj.exe", "photo-\\xe2\\x80\\xaegpj.exe"),
+                        ("a\u2066b\u200fc.jpg", "a\\xe2\\x81\\xa6b\\xe2\\x80\\x8fc.jpg"),
+                        ("next\x85line.jpg", "next\\xc2\\x85line.jpg")]:  # fmt: skip
+        assert names.escape(name) == shown
+        assert names.unescape(shown) == name
+        assert names.printable(f"cannot read {name}") == f"cannot read {shown}"
+
+
 @pytest.mark.parametrize("stem", ["x" * 300, "字" * 100, "é" * 200, os.fsdecode(b"\xe9" * 300)])
 def test_fit_cuts_the_stem_on_a_character_boundary(stem: str) -> None:
     name = names.fit(stem, ".mask.png")
