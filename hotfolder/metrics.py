@@ -184,6 +184,10 @@ class Metrics:
 class _Handler(BaseHTTPRequestHandler):
     server: MetricsServer
 
+    def setup(self) -> None:
+        self.timeout = self.server.client_timeout  # read by StreamRequestHandler.setup
+        super().setup()
+
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
@@ -229,8 +233,13 @@ class MetricsServer(ThreadingHTTPServer):
         health: Check,
         readiness: Check,
         pages: Pages = lambda target: None,
+        client_timeout: float = 30.0,
     ) -> None:
-        """Binds the address at once; raises ConfigError when it cannot (taken, not local)."""
+        """Binds the address at once; raises ConfigError when it cannot (taken, not local).
+
+        ``client_timeout`` (seconds) lets go of a client that sends nothing (or half a request)
+        for that long: without it each such connection would hold a thread for ever. Scrapers
+        and the status page ask and read within a second."""
         host, _, port = listen.rpartition(":")
         try:
             super().__init__((host.strip("[]") or "127.0.0.1", int(port)), _Handler)
@@ -243,6 +252,7 @@ class MetricsServer(ThreadingHTTPServer):
         self.health = health
         self.readiness = readiness
         self.pages = pages
+        self.client_timeout = client_timeout
         self._thread = threading.Thread(target=self.serve_forever, name="metrics", daemon=True)
 
     def handle_error(self, request: Any, client_address: Any) -> None:

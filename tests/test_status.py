@@ -5,6 +5,7 @@ daemon processing real photos, hostile names included."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import shutil
@@ -281,6 +282,21 @@ def test_a_client_that_leaves_mid_answer_is_no_error(
     wait_for(lambda: not any("process_request" in t.name for t in threading.enumerate()), 60,
              "the answers to end")  # fmt: skip
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_client_that_sends_nothing_is_let_go(tmp_path: Path) -> None:
+    """A connection that never sends its request does not hold a thread of the listener for
+    ever (thousands of them would exhaust the daemon's threads)."""
+    server = MetricsServer("127.0.0.1:0", Metrics(), lambda: (True, {}), lambda: (True, {}),
+                           client_timeout=1)  # fmt: skip
+    server.start()
+    assert inspect.signature(MetricsServer).parameters["client_timeout"].default == 30
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as client:
+        client.sendall(b"GET /status/ HTTP/1.1\r\n")  # and never the rest
+        assert client.recv(1024) == b""  # closed by the server
+    wait_for(lambda: not any("process_request" in t.name for t in threading.enumerate()), 60,
+             "the handler thread to end")  # fmt: skip
+    server.stop()
 
 
 def test_inboxes_show_backlog_last_success_and_why_intake_is_paused(tmp_path: Path) -> None:
