@@ -185,8 +185,8 @@ class _Handler(BaseHTTPRequestHandler):
     server: MetricsServer
 
     def setup(self) -> None:
-        self.timeout = self.server.client_timeout  # read by StreamRequestHandler.setup
         super().setup()
+        self.connection.settimeout(self.server.client_timeout)
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
