@@ -116,7 +116,8 @@ def run(
 
     def decode(task: Task) -> imaging.Picture:
         data = imaging.read_file(task.source, limits.max_bytes)
-        return imaging.decode(data, limits.max_pixels)
+        keep_source = recipes.wants_source(tuple(output for output, _ in task.targets))
+        return imaging.decode(data, limits.max_pixels, keep_source)
 
     def publish(task: Task, picture: imaging.Picture, alpha: np.ndarray) -> None:
         for output, target in task.targets:

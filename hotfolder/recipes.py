@@ -10,8 +10,10 @@ from typing import Any
 
 import cv2
 import numpy as np
+from PIL import ImageColor
 
-from hotfolder import imaging, names
+from hotfolder import colour, imaging, names
+from hotfolder.metadata import Metadata
 
 
 class Kind(enum.StrEnum):
@@ -33,7 +35,10 @@ TEMPLATE_FIELDS = {"stem", "ext", "kind"}
 MAX_EXT_BYTES = 32
 MAX_TAG = "-999"  # the longest collision number (naming.MAX_SUFFIX)
 FAST_PNG = "fast"
-NAMED_COLOURS = {"white": (255, 255, 255), "black": (0, 0, 0), "grey": (128, 128, 128)}
+TRANSPARENT = "transparent"
+# Which colours the pixels of an output are in: sRGB (tagged so), or the input's own, with its
+# profile embedded (for a retoucher who works in Adobe RGB and wants no round trip).
+COLOURS = ("srgb", "source")
 
 
 class RecipeError(ValueError):
@@ -45,7 +50,7 @@ class Output:
     kind: Kind
     format: str = ""
     name: str = ""
-    background: tuple[int, int, int] = (255, 255, 255)
+    background: tuple[int, int, int] | None = (255, 255, 255)  # None: transparent
     quality: int = 92  # JPEG
     # PNG: "fast" (ISA-L deflate: 7-9x faster to write than zlib, files about 10 % larger)
     # or a zlib level 0–9, for when size matters more than speed.
@@ -53,6 +58,9 @@ class Output:
     # Cutouts: black out the colour of fully transparent pixels. Nobody sees it, and the PNG is
     # about a third smaller and faster to write; false keeps the photo's colours underneath.
     clear_transparent: bool = True
+    colours: str = "srgb"  # one of COLOURS
+    metadata: bool = False  # keep the input's EXIF and XMP (copyright, camera, capture time)
+    gps: bool = False  # with metadata: keep where the photo was taken too
 
     def __post_init__(self) -> None:
         # Fill the per-kind defaults so every Output is complete once built.
@@ -78,40 +86,33 @@ class Output:
 
 
 def parse_colour(value: str) -> tuple[int, int, int]:
-    """``#rrggbb``, ``#rgb``, ``r,g,b`` or one of white, black, grey."""
+    """``#rrggbb``, ``#rgb``, ``r,g,b``, ``rgb(r, g, b)`` or a CSS colour name (``gray``,
+    ``navy``, ``whitesmoke``: Pillow's ImageColor knows the 148 of CSS Color Module 4)."""
     text = value.strip().lower()
-    if text in NAMED_COLOURS:
-        return NAMED_COLOURS[text]
     try:
-        if text.startswith("#") and len(text) in (4, 7):
-            digits = text[1:] if len(text) == 7 else "".join(c * 2 for c in text[1:])
-            rgb = tuple(int(digits[i : i + 2], 16) for i in (0, 2, 4))
-        else:
+        if "," in text and not text.startswith(("rgb", "hs")):
             rgb = tuple(int(part) for part in text.split(","))
+        else:
+            rgb = ImageColor.getrgb(text)[:3]
     except ValueError:
         rgb = ()
     if len(rgb) != 3 or not all(0 <= c <= 255 for c in rgb):
         raise RecipeError(
-            f"{value!r} is not a colour; use #rrggbb, #rgb, r,g,b or white/black/grey"
+            f"{value!r} is not a colour; use #rrggbb, #rgb, r,g,b or a CSS name such as gray"
         )
     return rgb[0], rgb[1], rgb[2]
+
+
+KEYS = {"kind", "format", "name", "background", "quality", "compression", "clear_transparent",
+        "colours", "metadata", "gps"}  # fmt: skip
 
 
 def parse_output(raw: Any, key: str) -> Output:
     if not isinstance(raw, Mapping):
         raise RecipeError(f"{key}: expected a mapping such as {{kind: cutout}}")
-    allowed = {
-        "kind",
-        "format",
-        "name",
-        "background",
-        "quality",
-        "compression",
-        "clear_transparent",
-    }
     for name in raw:
-        if name not in allowed:
-            raise RecipeError(f"{key}.{name}: unknown key; known: {', '.join(sorted(allowed))}")
+        if name not in KEYS:
+            raise RecipeError(f"{key}.{name}: unknown key; known: {', '.join(sorted(KEYS))}")
     try:
         kind = Kind(str(raw.get("kind")))
     except ValueError:
@@ -123,10 +124,7 @@ def parse_output(raw: Any, key: str) -> Output:
         raise RecipeError(f"{key}.format: {fmt!r} for {kind.value}; use {allowed_formats}")
     name = str(raw.get("name", ""))
     _check_template(name, key)
-    try:
-        background = parse_colour(str(raw.get("background", "#ffffff")))
-    except RecipeError as exc:
-        raise RecipeError(f"{key}.background: {exc}") from None
+    background = _background(str(raw.get("background", "#ffffff")), fmt, key)
     quality, compression = raw.get("quality", 92), raw.get("compression", FAST_PNG)
     if not isinstance(quality, int) or not 1 <= quality <= 100:
         raise RecipeError(f"{key}.quality: JPEG quality is 1–100, got {quality!r}")
@@ -135,10 +133,31 @@ def parse_output(raw: Any, key: str) -> Output:
         raise RecipeError(
             f"{key}.compression: PNG compression is {FAST_PNG} or a level 0–9, got {compression!r}"
         )
-    clear = raw.get("clear_transparent", True)
-    if not isinstance(clear, bool):
-        raise RecipeError(f"{key}.clear_transparent: true or false, got {clear!r}")
-    return Output(kind, fmt, name, background, quality, compression, clear)
+    colours = str(raw.get("colours", "srgb"))
+    if colours not in COLOURS:
+        raise RecipeError(f"{key}.colours: {colours!r}; use {' or '.join(COLOURS)}")
+    clear = _flag(raw, "clear_transparent", True, key)
+    metadata, gps = _flag(raw, "metadata", False, key), _flag(raw, "gps", False, key)
+    return Output(kind, fmt, name, background, quality, compression, clear, colours, metadata, gps)
+
+
+def _flag(raw: Mapping[str, Any], name: str, default: bool, key: str) -> bool:
+    value = raw.get(name, default)
+    if not isinstance(value, bool):
+        raise RecipeError(f"{key}.{name}: true or false, got {value!r}")
+    return value
+
+
+def _background(value: str, fmt: str, key: str) -> tuple[int, int, int] | None:
+    """The colour, or None for ``transparent`` where the format has an alpha channel."""
+    if value.strip().lower() == TRANSPARENT:
+        if fmt == "jpg":
+            raise RecipeError(f"{key}.background: JPEG has no transparency; pick a colour")
+        return None
+    try:
+        return parse_colour(value)
+    except RecipeError as exc:
+        raise RecipeError(f"{key}.background: {exc}") from None
 
 
 def _check_template(name: str, key: str) -> None:
@@ -174,20 +193,38 @@ def combined_alpha(predicted: np.ndarray, picture: imaging.Picture) -> np.ndarra
     return ((product + 127) // 255).astype(np.uint8)
 
 
+def wants_source(outputs: tuple[Output, ...]) -> bool:
+    """Whether decoding must keep the input's own colours beside the sRGB ones."""
+    return any(o.colours == "source" for o in outputs)
+
+
 def render(output: Output, picture: imaging.Picture, alpha: np.ndarray) -> bytes:
     """The encoded bytes of one output for a picture and its predicted alpha."""
     alpha = combined_alpha(alpha, picture)
+    source = output.colours == "source" and picture.source_rgb is not None
+    rgb = picture.source_rgb if source and picture.source_rgb is not None else picture.rgb
     if output.kind == Kind.MASK:
+        meta = _metadata(output, picture, None)
         if output.format == "jpg":
-            return imaging.encode_jpeg(np.repeat(alpha[:, :, None], 3, axis=2), output.quality)
-        return imaging.encode_png(alpha, output.compression)
-    if output.kind == Kind.CUTOUT:
-        rgba = cutout(picture.rgb, alpha, output.clear_transparent)
-        return imaging.encode_png(rgba, output.compression)
-    flat = composite(picture.rgb, alpha, output.background)
+            return imaging.encode_jpeg(alpha, output.quality, meta)
+        return imaging.encode_png(alpha, output.compression, meta)
+    meta = _metadata(output, picture, picture.meta.icc if source else colour.srgb_profile())
+    if output.kind == Kind.CUTOUT or output.background is None:
+        return imaging.encode_png(cutout(rgb, alpha, output.clear_transparent),
+                                  output.compression, meta)  # fmt: skip
+    flat = composite(rgb, alpha, output.background)
     if output.format == "jpg":
-        return imaging.encode_jpeg(flat, output.quality)
-    return imaging.encode_png(flat, output.compression)
+        return imaging.encode_jpeg(flat, output.quality, meta)
+    return imaging.encode_png(flat, output.compression, meta)
+
+
+def _metadata(output: Output, picture: imaging.Picture, icc: bytes | None) -> Metadata:
+    """What the output file says about itself: the input's resolution always; the profile its
+    pixels are in (none for a mask, which holds no colours); EXIF and XMP if asked."""
+    if not output.metadata:
+        return Metadata(dpi=picture.meta.dpi, icc=icc)
+    kept = picture.meta if output.gps else picture.meta.without_gps()
+    return Metadata(dpi=picture.meta.dpi, icc=icc, exif=kept.exif, xmp=kept.xmp)
 
 
 def cutout(rgb: np.ndarray, alpha: np.ndarray, clear_transparent: bool) -> np.ndarray:
