@@ -120,8 +120,9 @@ def run(
         return imaging.decode(data, limits.max_pixels, keep_source)
 
     def publish(task: Task, picture: imaging.Picture, alpha: np.ndarray) -> None:
-        for output, target in task.targets:
-            write_atomic(target, recipes.render(output, picture, alpha))
+        rendered = recipes.render_all(tuple(o for o, _ in task.targets), picture, alpha)
+        for (_, target), data in zip(task.targets, rendered, strict=True):
+            write_atomic(target, data)
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         pending: list[tuple[Task, Future[None]]] = []

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 from PIL import ImageColor
 
-from hotfolder import colour, imaging, names
+from hotfolder import colour, foreground, imaging, names
 from hotfolder.metadata import Metadata
 
 
@@ -61,6 +61,9 @@ class Output:
     colours: str = "srgb"  # one of COLOURS
     metadata: bool = False  # keep the input's EXIF and XMP (copyright, camera, capture time)
     gps: bool = False  # with metadata: keep where the photo was taken too
+    # Cutouts and composites: estimate the subject's own colour in the soft edge, so the
+    # backdrop does not show through it (foreground.py); false keeps the photo's pixels.
+    decontaminate: bool = True
 
     def __post_init__(self) -> None:
         # Fill the per-kind defaults so every Output is complete once built.
@@ -104,7 +107,7 @@ def parse_colour(value: str) -> tuple[int, int, int]:
 
 
 KEYS = {"kind", "format", "name", "background", "quality", "compression", "clear_transparent",
-        "colours", "metadata", "gps"}  # fmt: skip
+        "colours", "metadata", "gps", "decontaminate"}  # fmt: skip
 
 
 def parse_output(raw: Any, key: str) -> Output:
@@ -138,7 +141,9 @@ def parse_output(raw: Any, key: str) -> Output:
         raise RecipeError(f"{key}.colours: {colours!r}; use {' or '.join(COLOURS)}")
     clear = _flag(raw, "clear_transparent", True, key)
     metadata, gps = _flag(raw, "metadata", False, key), _flag(raw, "gps", False, key)
-    return Output(kind, fmt, name, background, quality, compression, clear, colours, metadata, gps)
+    decontaminate = _flag(raw, "decontaminate", True, key)
+    return Output(kind, fmt, name, background, quality, compression, clear, colours, metadata, gps,
+                  decontaminate)  # fmt: skip
 
 
 def _flag(raw: Mapping[str, Any], name: str, default: bool, key: str) -> bool:
@@ -200,9 +205,29 @@ def wants_source(outputs: tuple[Output, ...]) -> bool:
 
 def render(output: Output, picture: imaging.Picture, alpha: np.ndarray) -> bytes:
     """The encoded bytes of one output for a picture and its predicted alpha."""
-    alpha = combined_alpha(alpha, picture)
+    return render_all((output,), picture, alpha)[0]
+
+
+def render_all(
+    outputs: tuple[Output, ...], picture: imaging.Picture, predicted: np.ndarray
+) -> list[bytes]:
+    """The encoded bytes of each output; the foreground colours are estimated once for all."""
+    alpha = combined_alpha(predicted, picture)
+    estimated: dict[tuple[bool, bool], np.ndarray] = {}
+
+    def colours(output: Output) -> np.ndarray:
+        source = output.colours == "source" and picture.source_rgb is not None
+        key = (source, output.decontaminate and output.kind != Kind.MASK)
+        if key not in estimated:
+            rgb = picture.source_rgb if source and picture.source_rgb is not None else picture.rgb
+            estimated[key] = foreground.estimate(rgb, alpha) if key[1] else rgb
+        return estimated[key]
+
+    return [_render(output, picture, alpha, colours(output)) for output in outputs]
+
+
+def _render(output: Output, picture: imaging.Picture, alpha: np.ndarray, rgb: np.ndarray) -> bytes:
     source = output.colours == "source" and picture.source_rgb is not None
-    rgb = picture.source_rgb if source and picture.source_rgb is not None else picture.rgb
     if output.kind == Kind.MASK:
         meta = _metadata(output, picture, None)
         if output.format == "jpg":

@@ -54,7 +54,7 @@ class Publish:
         started = time.monotonic()
         try:
             picture, alpha = decoded.picture, item.alpha
-            rendered = [recipes.render(o, picture, alpha) for o in inbox.config.outputs]
+            rendered = recipes.render_all(inbox.config.outputs, picture, alpha)
         except (ValueError, ImageError) as exc:
             message = f"cannot encode outputs: {exc}"
             self.outcomes.reject(inbox, claim, Reason.ENCODE, message, inference)
