@@ -158,8 +158,9 @@ def _finish(
         try:
             future.result()
             summary.written += 1
-        except (OSError, ValueError) as exc:
-            summary.fail(task.source, f"cannot write outputs: {exc}")
+        except (OSError, ValueError, ImageError) as exc:
+            message = exc.message if isinstance(exc, ImageError) else str(exc)
+            summary.fail(task.source, f"cannot write outputs: {message}")
         progress(1)
     pending.clear()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import string
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +12,8 @@ import cv2
 import numpy as np
 from PIL import ImageColor
 
-from hotfolder import colour, foreground, imaging, names
+from hotfolder import colour, foreground, framing, imaging, names
+from hotfolder.jobs import ImageError, Reason
 from hotfolder.metadata import Metadata
 
 
@@ -22,7 +23,10 @@ class Kind(enum.StrEnum):
     COMPOSITE = "composite"  # the subject flattened onto a solid colour
 
 
-FORMATS = {"png": ".png", "jpg": ".jpg"}
+FORMATS = {"png": ".png", "jpg": ".jpg", "webp": ".webp"}
+ALPHA_FORMATS = ("png", "webp")  # the formats a cutout (with transparency) can be
+LOSSY_FORMATS = ("jpg", "webp")  # the formats max_bytes can shrink by lowering the quality
+MAX_CANVAS_SIDE = 20_000  # pixels
 DEFAULT_FORMAT = {Kind.CUTOUT: "png", Kind.MASK: "png", Kind.COMPOSITE: "jpg"}
 DEFAULT_NAME = {
     Kind.CUTOUT: "{stem}.png",
@@ -51,7 +55,7 @@ class Output:
     format: str = ""
     name: str = ""
     background: tuple[int, int, int] | None = (255, 255, 255)  # None: transparent
-    quality: int = 92  # JPEG
+    quality: int = 92  # JPEG and lossy WebP
     # PNG: "fast" (ISA-L deflate: 7-9x faster to write than zlib, files about 10 % larger)
     # or a zlib level 0–9, for when size matters more than speed.
     compression: int | str = FAST_PNG
@@ -64,6 +68,13 @@ class Output:
     # Cutouts and composites: estimate the subject's own colour in the soft edge, so the
     # backdrop does not show through it (foreground.py); false keeps the photo's pixels.
     decontaminate: bool = True
+    crop: bool = False  # cut to the subject's box (framing.SUBJECT_ALPHA), widened by padding
+    # The subject fitted into a canvas this size (width, height), centred; padding is then a
+    # fraction of the canvas on each side, for crop one of the subject's longer side.
+    canvas: tuple[int, int] | None = None
+    padding: float = 0.0
+    max_bytes: int | None = None  # JPEG/WebP: quality lowered until the file fits
+    lossless: bool = False  # WebP
 
     def __post_init__(self) -> None:
         # Fill the per-kind defaults so every Output is complete once built.
@@ -107,7 +118,8 @@ def parse_colour(value: str) -> tuple[int, int, int]:
 
 
 KEYS = {"kind", "format", "name", "background", "quality", "compression", "clear_transparent",
-        "colours", "metadata", "gps", "decontaminate"}  # fmt: skip
+        "colours", "metadata", "gps", "decontaminate", "crop", "canvas", "padding", "max_bytes",
+        "lossless"}  # fmt: skip
 
 
 def parse_output(raw: Any, key: str) -> Output:
@@ -122,15 +134,15 @@ def parse_output(raw: Any, key: str) -> Output:
         kinds = ", ".join(k.value for k in Kind)
         raise RecipeError(f"{key}.kind: {raw.get('kind')!r} is not one of {kinds}") from None
     fmt = str(raw.get("format", DEFAULT_FORMAT[kind]))
-    if fmt not in FORMATS or (kind == Kind.CUTOUT and fmt != "png"):
-        allowed_formats = "png" if kind == Kind.CUTOUT else ", ".join(FORMATS)
+    if fmt not in FORMATS or (kind == Kind.CUTOUT and fmt not in ALPHA_FORMATS):
+        allowed_formats = ", ".join(ALPHA_FORMATS if kind == Kind.CUTOUT else FORMATS)
         raise RecipeError(f"{key}.format: {fmt!r} for {kind.value}; use {allowed_formats}")
     name = str(raw.get("name", ""))
     _check_template(name, key)
     background = _background(str(raw.get("background", "#ffffff")), fmt, key)
     quality, compression = raw.get("quality", 92), raw.get("compression", FAST_PNG)
     if not isinstance(quality, int) or not 1 <= quality <= 100:
-        raise RecipeError(f"{key}.quality: JPEG quality is 1–100, got {quality!r}")
+        raise RecipeError(f"{key}.quality: JPEG/WebP quality is 1–100, got {quality!r}")
     is_level = isinstance(compression, int) and not isinstance(compression, bool)
     if compression != FAST_PNG and not (is_level and 0 <= compression <= 9):
         raise RecipeError(
@@ -142,8 +154,32 @@ def parse_output(raw: Any, key: str) -> Output:
     clear = _flag(raw, "clear_transparent", True, key)
     metadata, gps = _flag(raw, "metadata", False, key), _flag(raw, "gps", False, key)
     decontaminate = _flag(raw, "decontaminate", True, key)
+    crop, lossless = _flag(raw, "crop", False, key), _flag(raw, "lossless", False, key)
+    if lossless and fmt != "webp":
+        raise RecipeError(f"{key}.lossless: only for format webp")
+    canvas, padding = _canvas(raw.get("canvas"), key), raw.get("padding", 0.0)
+    if isinstance(padding, bool) or not isinstance(padding, int | float) or not 0 <= padding < 0.5:
+        raise RecipeError(f"{key}.padding: a fraction from 0 to below 0.5, got {padding!r}")
+    max_bytes = raw.get("max_bytes")
+    if max_bytes is not None and (fmt not in LOSSY_FORMATS or lossless):
+        raise RecipeError(f"{key}.max_bytes: only for jpg and lossy webp")
+    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int)
+                                  or max_bytes < 1024):  # fmt: skip
+        raise RecipeError(f"{key}.max_bytes: a number of bytes, at least 1024, got {max_bytes!r}")
     return Output(kind, fmt, name, background, quality, compression, clear, colours, metadata, gps,
-                  decontaminate)  # fmt: skip
+                  decontaminate, crop, canvas, float(padding), max_bytes, lossless)  # fmt: skip
+
+
+def _canvas(value: Any, key: str) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    sides = list(value) if isinstance(value, list | tuple) else []
+    if len(sides) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
+                                  and 1 <= v <= MAX_CANVAS_SIDE for v in sides):  # fmt: skip
+        raise RecipeError(
+            f"{key}.canvas: [width, height] in pixels, 1–{MAX_CANVAS_SIDE}, got {value!r}"
+        )
+    return sides[0], sides[1]
 
 
 def _flag(raw: Mapping[str, Any], name: str, default: bool, key: str) -> bool:
@@ -209,9 +245,15 @@ def render(output: Output, picture: imaging.Picture, alpha: np.ndarray) -> bytes
 
 
 def render_all(
-    outputs: tuple[Output, ...], picture: imaging.Picture, predicted: np.ndarray
+    outputs: tuple[Output, ...],
+    picture: imaging.Picture,
+    predicted: np.ndarray,
+    lowered: dict[str, int] | None = None,
 ) -> list[bytes]:
-    """The encoded bytes of each output; the foreground colours are estimated once for all."""
+    """The encoded bytes of each output; the foreground colours are estimated once for all.
+    ``lowered`` receives, by output name template, the quality an output with ``max_bytes``
+    was written at when it had to be lowered. Raises ImageError when an output cannot be
+    made (no subject to frame, a size that no quality meets)."""
     alpha = combined_alpha(predicted, picture)
     estimated: dict[tuple[bool, bool], np.ndarray] = {}
 
@@ -223,24 +265,64 @@ def render_all(
             estimated[key] = foreground.estimate(rgb, alpha) if key[1] else rgb
         return estimated[key]
 
-    return [_render(output, picture, alpha, colours(output)) for output in outputs]
+    rendered = []
+    for output in outputs:
+        data, quality = _render(output, picture, alpha, colours(output))
+        if quality != output.quality and lowered is not None:
+            lowered[output.name] = quality
+        rendered.append(data)
+    return rendered
 
 
-def _render(output: Output, picture: imaging.Picture, alpha: np.ndarray, rgb: np.ndarray) -> bytes:
+def _render(
+    output: Output, picture: imaging.Picture, alpha: np.ndarray, rgb: np.ndarray
+) -> tuple[bytes, int]:
+    """(the output's bytes, the quality it was written at)."""
     source = output.colours == "source" and picture.source_rgb is not None
+    if output.canvas is not None:
+        rgb, alpha = framing.on_canvas(rgb, alpha, output.canvas, output.padding,
+                                       output.background)  # fmt: skip
+    elif output.crop:
+        rgb, alpha = framing.crop(rgb, alpha, output.padding)
     if output.kind == Kind.MASK:
-        meta = _metadata(output, picture, None)
-        if output.format == "jpg":
-            return imaging.encode_jpeg(alpha, output.quality, meta)
-        return imaging.encode_png(alpha, output.compression, meta)
+        return _encode(output, alpha, _metadata(output, picture, None))
     meta = _metadata(output, picture, picture.meta.icc if source else colour.srgb_profile())
     if output.kind == Kind.CUTOUT or output.background is None:
-        return imaging.encode_png(cutout(rgb, alpha, output.clear_transparent),
-                                  output.compression, meta)  # fmt: skip
-    flat = composite(rgb, alpha, output.background)
-    if output.format == "jpg":
-        return imaging.encode_jpeg(flat, output.quality, meta)
-    return imaging.encode_png(flat, output.compression, meta)
+        return _encode(output, cutout(rgb, alpha, output.clear_transparent), meta)
+    return _encode(output, composite(rgb, alpha, output.background), meta)
+
+
+def _encode(output: Output, pixels: np.ndarray, meta: Metadata) -> tuple[bytes, int]:
+    if output.format == "png":
+        return imaging.encode_png(pixels, output.compression, meta), output.quality
+
+    def encode(quality: int) -> bytes:
+        if output.format == "jpg":
+            return imaging.encode_jpeg(pixels, quality, meta)
+        return imaging.encode_webp(pixels, quality, output.lossless, meta)
+
+    return _fit(encode, output.quality, output.max_bytes)
+
+
+def _fit(encode: Callable[[int], bytes], quality: int, max_bytes: int | None) -> tuple[bytes, int]:
+    """The bytes at ``quality``, or at the highest lower quality whose file fits ``max_bytes``
+    (file size falls as quality does, so a binary search finds it in at most 7 encodings)."""
+    data = encode(quality)
+    if max_bytes is None or len(data) <= max_bytes:
+        return data, quality
+    best: tuple[bytes, int] | None = None
+    low, high = 1, quality - 1
+    while low <= high:
+        middle = (low + high) // 2
+        attempt = encode(middle)
+        if len(attempt) <= max_bytes:
+            best, low = (attempt, middle), middle + 1
+        else:
+            high = middle - 1
+    if best is None:
+        raise ImageError(Reason.TOO_BIG_OUTPUT,
+                         f"does not fit {max_bytes} bytes even at quality 1")  # fmt: skip
+    return best
 
 
 def _metadata(output: Output, picture: imaging.Picture, icc: bytes | None) -> Metadata:

@@ -52,12 +52,14 @@ class Publish:
         inference = {"inferred_at": item.inferred_at, "batch_size": item.batch_size,
                      "device": str(self.pipeline.engine.device)}  # fmt: skip
         started = time.monotonic()
+        lowered: dict[str, int] = {}  # output → the quality max_bytes made it take
         try:
             picture, alpha = decoded.picture, item.alpha
-            rendered = recipes.render_all(inbox.config.outputs, picture, alpha)
+            rendered = recipes.render_all(inbox.config.outputs, picture, alpha, lowered)
         except (ValueError, ImageError) as exc:
+            reason = exc.reason if isinstance(exc, ImageError) else Reason.ENCODE
             message = f"cannot encode outputs: {exc}"
-            self.outcomes.reject(inbox, claim, Reason.ENCODE, message, inference)
+            self.outcomes.reject(inbox, claim, reason, message, inference)
             return
         encoded = time.monotonic()
         self.pipeline.metrics.stage.labels("encode").observe(encoded - started)
@@ -94,6 +96,8 @@ class Publish:
         outputs = [names.escape(str(inbox.config.outbox / path)) for path, _ in files]
         record = {**inference, "attempts": claim.attempts, "sha256": decoded.sha256,
                   "outputs": outputs}  # fmt: skip
+        if lowered:
+            record["notes"] = {"quality": lowered}
         self.outcomes.close_archived(inbox, claim, record, timings, item.batch_size)
 
     def output_names(self, inbox: Inbox, claim: Claim) -> list[PurePosixPath]:
