@@ -3,15 +3,18 @@ limit met by lowering the quality."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import sqlite3
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 from PIL import Image
 
-from hotfolder import framing, imaging, recipes
+from hotfolder import framing, imaging, journal, recipes
 from hotfolder.jobs import ImageError, Reason
 
 from . import corpus
@@ -153,3 +156,18 @@ def test_daemon_sends_an_empty_matte_to_errors(site: Site, photos: dict[str, np.
     (cup,) = [row for row in site.rows() if row["outcome"] == "success"]
     quality = json.loads(str(cup["notes"]))["quality"]["{stem}.jpg"]
     assert 1 <= quality < 92
+
+
+def test_a_journal_from_before_notes_gains_the_column(tmp_path: Path) -> None:
+    """A daemon upgraded over its old journal records lowered qualities instead of failing."""
+    path = tmp_path / "journal.sqlite3"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.executescript(journal.SCHEMA.replace(",\n    notes TEXT", ""))
+        assert "notes" not in {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+    upgraded = journal.Journal(path)
+    upgraded.begin("job1", inbox="products", path="cup.jpg", outcome="claimed")
+    upgraded.update("job1", outcome="success", notes={"quality": {"{stem}.jpg": 71}})
+    upgraded.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        (notes,) = db.execute("SELECT notes FROM jobs WHERE id = 'job1'").fetchone()
+    assert json.loads(notes) == {"quality": {"{stem}.jpg": 71}}
