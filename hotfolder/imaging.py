@@ -113,9 +113,10 @@ def looks_incomplete(data: bytes) -> ImageError | None:
     over SMB) and stopped part-way ends in a run of zero bytes, and a JPEG ending so decodes
     without error, its missing rows a flat fill. So the end of the data is checked by format:
     JPEG must reach its end marker (EOI) after its first scan, PNG its IEND chunk, WebP the
-    length its RIFF header declares; what follows the end (zero padding, the video of a
-    motion photo) does not matter. A file of zero bytes only has had nothing written yet.
-    Other formats have no end to find; their decoders report what is missing."""
+    length its RIFF header declares, HEIC and AVIF the end of their last box; what follows the
+    end (zero padding, the video of a motion photo) does not matter. A file of zero bytes only
+    has had nothing written yet. Other formats have no end to find; their decoders report what
+    is missing."""
     if not data:
         return ImageError(Reason.EMPTY, "is empty (0 bytes)")
     if data[0] == 0 and data.count(0) == len(data):
@@ -130,6 +131,8 @@ def looks_incomplete(data: bytes) -> ImageError | None:
         missing = _png_missing(data)
     elif data.startswith(b"RIFF") or b"RIFF".startswith(data):
         missing = _webp_missing(data)
+    elif data[4:8] == b"ftyp" or (4 < len(data) < 8 and b"ftyp".startswith(data[4:])):
+        missing = _bmff_missing(data)
     else:
         return None
     if missing is None:
@@ -220,6 +223,29 @@ def _webp_missing(data: bytes) -> str | None:
         if kind in (b"VP8 ", b"VP8L", b"ALPH") and payload_end - zeros_from >= ZERO_RUN:
             return f"the WebP image data ({kind.decode().strip()}) stops part-way"
         at = payload_end + (payload_end & 1)  # chunks are padded to an even length
+    return None
+
+
+def _bmff_missing(data: bytes) -> str | None:
+    """What a HEIC/HEIF or AVIF file (ISO base media boxes) lacks: its top-level boxes are
+    walked by their sizes to the end of the data."""
+    end, at = len(data), 0
+    while at < end:
+        if at + 8 > end:
+            return "the HEIF data stops inside a box header"
+        size, kind = int.from_bytes(data[at : at + 4], "big"), data[at + 4 : at + 8]
+        if size == 1:  # a 64-bit size follows the type
+            if at + 16 > end:
+                return "the HEIF data stops inside a box header"
+            size = int.from_bytes(data[at + 8 : at + 16], "big")
+        elif size == 0:  # the box runs to the end of the file
+            return None
+        if size < 8:
+            return None  # not ours to judge: the decoder refuses it
+        if at + size > end:
+            name = kind.decode("latin-1").strip()
+            return f"the HEIF data stops inside its {name!r} box ({end - at} of {size} bytes)"
+        at += size
     return None
 
 

@@ -248,3 +248,15 @@ def test_matte_command_reads_an_iphone_photo(tmp_path: Path) -> None:
         assert not written.getexif().get_ifd(0x8825)
         centre = np.asarray(written.convert("RGB"))[120, 160].astype(int)
         assert np.abs(centre - RED).max() <= 8
+
+
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
+def test_heic_and_avif_being_copied_look_incomplete(fmt: str) -> None:
+    """A file claimed while still arriving waits for its writer instead of being refused."""
+    noise = np.random.default_rng(1).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    data = saved(Image.fromarray(noise), fmt, quality=90)
+    assert imaging.looks_incomplete(data) is None
+    for cut in (len(data) // 2, 200, 12):
+        unfinished = imaging.looks_incomplete(data[:cut])
+        assert unfinished is not None, cut
+        assert unfinished.reason == Reason.CORRUPT
