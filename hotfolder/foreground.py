@@ -11,16 +11,20 @@ box blurs, whose cost does not depend on the radius.
 
 The matte is the model's, and its soft band is often not where the true edge is: part of it lies
 on pure backdrop, where ``I = B``, and blur fusion's correction term, ``α(I − …)``, puts that
-backdrop colour back into F. So the estimate is then held to the subject's confident interior,
-as retouchers' "decontaminate colours" does (Photoshop's Refine Edge; also the foreground
-extension of Levin et al., "A Closed-Form Solution to Natural Image Matting", PAMI 2008, §6, and
-Forte & Pitié's own weighted means): a reference colour ``F₊`` is the mean of the photo over the
-opaque pixels well inside the matte, ``blur(w·I)/blur(w)``, at decreasing radii, and the part of
-``F − F₊`` that points from ``F₊`` towards the local backdrop ``B̂`` is projected out. Colour away
-from the backdrop's (texture, a strand of hair of another colour) stays. The interior is taken
-some distance inside the opaque region because the model also calls opaque a ring of the true
-soft edge; distances and radii are in the model's pixels (a 320th of the picture's longer
-side), since its errors are.
+backdrop colour back into F. So F is then held to the subject's confident interior, the idea of
+retouchers' "Decontaminate Colors" (Photoshop's Select and Mask: edge colour taken from nearby
+fully selected pixels). The subject's colour ``F₊`` and the backdrop's ``B₋`` are the means of
+the photo over the pixels well inside the matte's opaque and clear regions, ``blur(w·I)/blur(w)``,
+at decreasing radii; where the photo's colour is a mix of the two (on the line from ``F₊`` to
+``B₋``, near ``B₋``), the part of ``F − F₊`` that points towards ``B₋ − F₊`` is projected out
+(this projection is ours, not the paper's). Colour off that line stays: texture, shading, a
+strand of hair of another colour than the subject's interior. The subject's region is taken
+well inside the opaque one because the model also calls opaque a ring of the true soft edge;
+distances and radii are in the model's pixels (a 320th of the picture's longer side), since its
+errors are.
+
+A soft part of the subject whose own colour happens to lie on that line, near the backdrop's, is
+taken for backdrop and given the interior's colour.
 
 Only pixels with 0 < α < 245 change: near-opaque and opaque pixels keep the photo's colour. Only
 the part of the picture around them is computed.
@@ -40,26 +44,30 @@ PASSES = ((90, 4), (30, 2), (6, 1))
 EPSILON = np.float32(1e-5)
 TILE = 64  # pixels; the full-size pass runs only on tiles the soft edge crosses
 OPAQUE = 245  # alpha levels from which a pixel keeps the photo's colour
-# The subject's confident interior, in the model's pixels (a 320th of the picture's longer side,
-# the size U²-Net sees): opaque pixels at least INTERIOR_DEPTH inside the matte's opaque region
-# (u2netp calls opaque up to about 12 of them of a wide soft edge), their means over boxes of
-# REFERENCE_BOXES, each smaller one trusted where it holds enough interior. Computed on the
-# picture shrunk to REFERENCE_SCALE model pixels per pixel: these means are smooth.
+# The confident subject and backdrop, in the model's pixels (a 320th of the picture's longer
+# side, the size U²-Net sees): (inset, reach) of each, the pixels at least `inset` inside the
+# matte's opaque (clear) region, and the box within which some must lie for the projection to
+# act. u2netp calls opaque up to about 12 model pixels of a wide soft edge, hence the subject's
+# deep inset; its clear region is backdrop but for the faintest strands. Their means are taken
+# over boxes of REFERENCE_BOXES, each smaller one trusted where it holds enough of the region,
+# on the picture shrunk to REFERENCE_SCALE model pixels per pixel: these means are smooth.
 MODEL_PIXELS = 320
-INTERIOR_DEPTH = 13.0
-REFERENCE_BOXES = (144, 72, 24)
+SUBJECT_REGION = (13.0, 72)
+BACKDROP_REGION = (4.0, 48)
+REFERENCE_BOXES = (144, 72, 48, 24)
 REFERENCE_SCALE = 3
-# Only interior within a REACH box counts as the subject's colour (a strand of hair further out
-# may well be of another colour), and the projection is whole where the photo is within a third
-# of |B̂ − F₊| of the backdrop, fading to none at that distance (NEARNESS).
-REACH = 72
+# The projection is whole where the photo is within 2/3 of |B₋ − F₊| of the backdrop B₋,
+# fading to none at that distance: a colour as far from the backdrop as the subject is stays.
 NEARNESS = np.float32(3)
+# ... and whole where the photo is within 5 % of |B₋ − F₊| of the line from F₊ to B₋, none
+# from 10 % (the mixes of subject and backdrop lie on that line, noise about it).
+COLOUR_LINE = (np.float32(0.05), np.float32(0.1))
 TRUST = np.float32(1e-3)  # fraction of a box's area of interior at which its mean is half-trusted
 
 
 def estimate(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     """``rgb`` (H, W, 3) uint8 with the colour of every semi-transparent pixel (0 < ``alpha``
-    (H, W) uint8 < 255) replaced by its estimated foreground colour; a new array when any pixel
+    (H, W) uint8 < OPAQUE) replaced by its estimated foreground colour; a new array when any pixel
     changes, ``rgb`` itself when none does."""
     band = cv2.inRange(alpha, 1, OPAQUE - 1)
     x, y, width, height = cv2.boundingRect(band)
@@ -89,9 +97,8 @@ def _blur_fusion(
     height, width = alpha.shape
     *coarse, (last_size, _) = PASSES
     foreground, background = _coarse_passes(image, alpha, coarse)
-    reference, trust = _interior_reference(image, alpha, model_pixel)
-    reference = _enlarged(reference, (width, height))
-    trust = _enlarged(trust, (width, height))
+    # one small (h, w, 7) grid, enlarged tile by tile: enlarging it whole costs more than the rest
+    confident = np.dstack(_confident_colours(image, alpha, model_pixel))
     foreground = _enlarged(foreground, (width, height))
     background = _enlarged(background, (width, height))
     margin = last_size
@@ -108,10 +115,26 @@ def _blur_fusion(
             within = (slice(top - rows.start, inner[0].stop - rows.start),
                       slice(left - cols.start, inner[1].stop - cols.start))  # fmt: skip
             estimated = estimated[within]
-            _project_out_backdrop(estimated, image[inner], reference[inner], background[inner],
-                                  trust[inner])  # fmt: skip
+            grid = _enlarged_tile(confident, (height, width), inner)
+            _project_out_backdrop(estimated, image[inner], grid[:, :, 0:3], grid[:, :, 3:6],
+                                  grid[:, :, 6])  # fmt: skip
             pixels = (estimated * 255 + 0.5).astype(np.uint8)
             np.copyto(out[inner], pixels, where=band[inner][:, :, None].astype(bool))
+
+
+def _enlarged_tile(
+    small: np.ndarray, shape: tuple[int, int], inner: tuple[slice, slice]
+) -> np.ndarray:
+    """The ``inner`` (rows, columns) part of ``small`` (h, w, C) float32 enlarged to ``shape``
+    (height, width): bilinear with pixel centres aligned, as ``_enlarged``, but positions to a
+    32nd of a pixel (cv2.remap), which these smooth means do not notice."""
+    rows, cols = inner
+    scale_y, scale_x = small.shape[0] / shape[0], small.shape[1] / shape[1]
+    ys = (np.arange(rows.start, rows.stop, dtype=np.float32) + 0.5) * scale_y - 0.5
+    xs = (np.arange(cols.start, cols.stop, dtype=np.float32) + 0.5) * scale_x - 0.5
+    map_y = np.repeat(ys[:, None], xs.size, axis=1)
+    map_x = np.repeat(xs[None, :], ys.size, axis=0)
+    return cv2.remap(small, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
 def _coarse_passes(
@@ -170,21 +193,39 @@ def _fuse(
     return estimated, mean_background
 
 
-def _interior_reference(
+def _confident_colours(
     image: np.ndarray, alpha: np.ndarray, model_pixel: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """(reference colours (h, w, 3) float32, trust (h, w) float32 in 0–1), on ``image`` shrunk
-    to REFERENCE_SCALE model pixels per pixel: the subject's colour as its confident interior
-    shows it, and how much of that interior lies within reach of each pixel."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(subject's colours F₊, backdrop's colours B₋, both (h, w, 3) float32, trust (h, w)
+    float32 in 0–1), on ``image`` shrunk to REFERENCE_SCALE model pixels per pixel: each the
+    mean of the photo over the pixels well inside the matte's opaque (respectively clear)
+    region, and how much of both lies within reach of each pixel."""
     height, width = alpha.shape
     scale = max(1.0, REFERENCE_SCALE * model_pixel)
     shape = (max(1, round(width / scale)), max(1, round(height / scale)))
     picture, small = _shrunk(image, shape), _shrunk(alpha, shape)
-    opaque = (small >= np.float32(254.5 / 255)).astype(np.uint8)
-    depth = cv2.distanceTransform(opaque, cv2.DIST_L2, 3) * np.float32(scale / model_pixel)
-    # weights rise from 0 at INTERIOR_DEPTH to 1 at twice it, so the reference moves smoothly
-    weight = np.clip(depth / np.float32(INTERIOR_DEPTH) - 1, 0, 1).astype(np.float32)
-    reference = picture
+    to_model_pixels = np.float32(scale / model_pixel)
+    opaque, clear = small >= np.float32(254.5 / 255), small <= np.float32(0.5 / 255)
+    subject, subject_trust = _means_inside(picture, opaque, to_model_pixels, *SUBJECT_REGION)
+    backdrop, backdrop_trust = _means_inside(picture, clear, to_model_pixels, *BACKDROP_REGION)
+    return subject, backdrop, np.minimum(subject_trust, backdrop_trust)
+
+
+def _means_inside(
+    picture: np.ndarray,
+    region: np.ndarray,
+    to_model_pixels: np.float32,
+    inset: float,
+    reach: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(means (h, w, 3) float32 of ``picture`` over ``region`` (h, w) bool less its outer
+    ``inset`` model pixels, at the radii of REFERENCE_BOXES, each smaller one taking over
+    where it holds enough of the region; trust (h, w) in 0–1 that some of it lies within a box
+    of ``reach`` model pixels)."""
+    depth = cv2.distanceTransform(region.astype(np.uint8), cv2.DIST_L2, 3) * to_model_pixels
+    # weights rise from 0 at the inset to 1 at twice it, so the means move smoothly
+    weight = np.clip(depth / np.float32(inset) - 1, 0, 1).astype(np.float32)
+    means = picture
     trust = np.zeros_like(weight)
     for size in REFERENCE_BOXES:
         box = (max(1, round(size / REFERENCE_SCALE)),) * 2
@@ -192,10 +233,10 @@ def _interior_reference(
         mean = cv2.blur(picture * weight[:, :, None], box) / (share[:, :, None] + EPSILON)
         local = share / (share + TRUST)
         first = size == REFERENCE_BOXES[0]
-        reference = mean if first else reference + local[:, :, None] * (mean - reference)
-        if size <= REACH:
+        means = mean if first else means + local[:, :, None] * (mean - means)
+        if size <= reach:
             trust = np.maximum(trust, local)
-    return reference, trust
+    return means, trust
 
 
 def _project_out_backdrop(
@@ -206,16 +247,23 @@ def _project_out_backdrop(
     trust: np.ndarray,
 ) -> None:
     """Removes in place from ``estimated`` F (h, w, 3) float32 in 0–1 the component of
-    ``F − F₊`` along ``B̂ − F₊`` where it is positive (towards the backdrop), weighted by
-    ``trust`` (h, w) in 0–1 and by how near the ``observed`` colour I is to the backdrop (1
-    within a third of F₊'s distance from B̂, 0 at that distance or further);
-    ``reference`` F₊ and ``background`` B̂ are (h, w, 3) float32."""
+    ``F − F₊`` along ``B₋ − F₊`` where it is positive (towards the backdrop), weighted by
+    ``trust`` (h, w) in 0–1 and by how near the ``observed`` colour I (h, w, 3) is to the
+    backdrop (NEARNESS) and to the line from F₊ to B₋ (COLOUR_LINE); ``reference`` F₊ and
+    ``background`` B₋ are (h, w, 3) float32."""
     direction = background - reference
     length = np.einsum("ijk,ijk->ij", direction, direction) + EPSILON
     towards = np.einsum("ijk,ijk->ij", estimated - reference, direction) / length
     np.clip(towards, 0, None, out=towards)
     off = observed - background
+    along = np.einsum("ijk,ijk->ij", off, direction) / length
+    across = off - along[:, :, None] * direction
     nearness = NEARNESS - NEARNESS * np.sqrt(np.einsum("ijk,ijk->ij", off, off) / length)
+    # a mix of subject and backdrop lies on the line between them; a colour off it is the
+    # subject's own (green hair between an orange face and a dark-green backdrop)
+    off_line = np.sqrt(np.einsum("ijk,ijk->ij", across, across) / length)
+    on_line = (COLOUR_LINE[1] - off_line) / np.float32(COLOUR_LINE[1] - COLOUR_LINE[0])
+    np.minimum(nearness, on_line, out=nearness)
     np.clip(nearness, 0, 1, out=nearness)
     towards *= trust
     towards *= nearness

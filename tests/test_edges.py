@@ -105,3 +105,20 @@ def test_with_the_real_matte(engine: MattingEngine, name: str) -> None:
     assert abs(band_excess(photo, alpha, backdrop)) <= 5
     kept = alpha >= 245
     assert np.array_equal(estimated_colours(photo, alpha)[kept], photo[kept])
+
+
+def test_a_soft_part_of_another_colour_keeps_it() -> None:
+    """A tuft of olive hair, 90 % opaque, above an orange face, on a dark-green backdrop: the
+    hair is nearer the backdrop's colour than the face is, but it is no mix of the two, so the
+    estimate must not take it for backdrop and paint it the face's colour."""
+    face, hair, backdrop = (np.array(c, np.float64) for c in
+                            ((214, 132, 74), (122, 128, 55), (57, 101, 68)))  # fmt: skip
+    yy, xx = np.mgrid[:400, :400]
+    alpha = np.clip((100 - np.hypot(yy - 260, xx - 200)) / 8 + 0.5, 0, 1)
+    tuft = (yy >= 130) & (yy < 170) & (xx >= 170) & (xx < 230) & (alpha < 1)
+    alpha[tuft] = 0.9
+    colour = np.where(tuft[:, :, None], hair, face)
+    photo = alpha[:, :, None] * colour + (1 - alpha[:, :, None]) * backdrop
+    photo, alpha8 = np.round(photo).astype(np.uint8), np.round(alpha * 255).astype(np.uint8)
+    estimated = estimated_colours(photo, alpha8)[tuft].astype(np.float64)
+    assert np.abs(estimated - hair).mean() < 10
