@@ -26,7 +26,7 @@ errors are.
 A soft part of the subject whose own colour happens to lie on that line, near the backdrop's, is
 taken for backdrop and given the interior's colour.
 
-Only pixels with 0 < α < 245 change: near-opaque and opaque pixels keep the photo's colour. Only
+Only pixels with 0 < α ≤ 245 change: near-opaque and opaque pixels keep the photo's colour. Only
 the part of the picture around them is computed.
 """
 
@@ -43,7 +43,7 @@ import numpy as np
 PASSES = ((90, 4), (30, 2), (6, 1))
 EPSILON = np.float32(1e-5)
 TILE = 64  # pixels; the full-size pass runs only on tiles the soft edge crosses
-OPAQUE = 245  # alpha levels from which a pixel keeps the photo's colour
+OPAQUE = 246  # alpha levels from which a pixel keeps the photo's colour: above the band 10–245
 # The confident subject and backdrop, in the model's pixels (a 320th of the picture's longer
 # side, the size U²-Net sees): (inset, reach) of each, the pixels at least `inset` inside the
 # matte's opaque (clear) region, and the box within which some must lie for the projection to
