@@ -3,8 +3,9 @@
 Pillow reads the header (format by content, size, mode, EXIF orientation) so that every limit is
 checked before a single pixel is decoded. Baseline JPEGs, by far the most common input, are then
 decoded by OpenCV (libjpeg-turbo, faster); every other kind by Pillow, which knows the awkward modes
-(CMYK, palettes with transparency, 16-bit). Pillow and OpenCV both report truncated data as an error
-instead of returning a half-grey picture.
+(CMYK, palettes with transparency, 16-bit), and HEIC/HEIF (the iPhone's default) by pillow-heif
+(libheif). Pillow and OpenCV both report truncated data as an error instead of returning a
+half-grey picture. Pictures in another colour space than sRGB are converted to sRGB (colour.py).
 """
 
 from __future__ import annotations
@@ -14,18 +15,27 @@ import io
 import os
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
 import numpy as np
+import pillow_heif
 from PIL import Image, UnidentifiedImageError
 
-from hotfolder import png
+from hotfolder import colour, png
 from hotfolder.jobs import ImageError, Reason
+from hotfolder.metadata import Metadata, exif_payload
+from hotfolder.metadata import read as read_metadata
 
 # Formats accepted, identified by content; Pillow never tries any other decoder on our input.
-FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
+# A camera JPEG with a preview opens as an MPO (several pictures, the first the primary one); a
+# HEIC may also hold several (a burst, a depth map): of both, the primary picture is the photo.
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "HEIF", "AVIF")
+PRIMARY_PICTURE_FORMATS = {"MPO", "HEIF"}
+FORMAT_NAMES = "a JPEG, PNG, WebP, BMP, TIFF, HEIC/HEIF or AVIF image"
+
+pillow_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
 DEFAULT_MAX_PIXELS = 100_000_000
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 
@@ -39,10 +49,14 @@ SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 
 @dataclass(frozen=True)
 class Picture:
-    """A decoded image, upright: ``rgb`` is (H, W, 3) uint8; ``alpha`` (H, W) uint8 or None."""
+    """A decoded image, upright: ``rgb`` is (H, W, 3) uint8 sRGB; ``alpha`` (H, W) uint8 or None;
+    ``meta`` what the file said about itself; ``source_rgb`` (H, W, 3) uint8 the colours as
+    stored in the file, in the profile ``meta.icc``, when asked for and different from ``rgb``."""
 
     rgb: np.ndarray
     alpha: np.ndarray | None
+    meta: Metadata = field(default_factory=Metadata)
+    source_rgb: np.ndarray | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -99,9 +113,10 @@ def looks_incomplete(data: bytes) -> ImageError | None:
     over SMB) and stopped part-way ends in a run of zero bytes, and a JPEG ending so decodes
     without error, its missing rows a flat fill. So the end of the data is checked by format:
     JPEG must reach its end marker (EOI) after its first scan, PNG its IEND chunk, WebP the
-    length its RIFF header declares; what follows the end (zero padding, the video of a
-    motion photo) does not matter. A file of zero bytes only has had nothing written yet.
-    Other formats have no end to find; their decoders report what is missing."""
+    length its RIFF header declares, HEIC and AVIF the end of their last box; what follows the
+    end (zero padding, the video of a motion photo) does not matter. A file of zero bytes only
+    has had nothing written yet. Other formats have no end to find; their decoders report what
+    is missing."""
     if not data:
         return ImageError(Reason.EMPTY, "is empty (0 bytes)")
     if data[0] == 0 and data.count(0) == len(data):
@@ -116,6 +131,8 @@ def looks_incomplete(data: bytes) -> ImageError | None:
         missing = _png_missing(data)
     elif data.startswith(b"RIFF") or b"RIFF".startswith(data):
         missing = _webp_missing(data)
+    elif data[4:8] == b"ftyp" or (4 < len(data) < 8 and b"ftyp".startswith(data[4:])):
+        missing = _bmff_missing(data)
     else:
         return None
     if missing is None:
@@ -209,15 +226,36 @@ def _webp_missing(data: bytes) -> str | None:
     return None
 
 
+def _bmff_missing(data: bytes) -> str | None:
+    """What a HEIC/HEIF or AVIF file (ISO base media boxes) lacks: its top-level boxes are
+    walked by their sizes to the end of the data."""
+    end, at = len(data), 0
+    while at < end:
+        if at + 8 > end:
+            return "the HEIF data stops inside a box header"
+        size, kind = int.from_bytes(data[at : at + 4], "big"), data[at + 4 : at + 8]
+        if size == 1:  # a 64-bit size follows the type
+            if at + 16 > end:
+                return "the HEIF data stops inside a box header"
+            size = int.from_bytes(data[at + 8 : at + 16], "big")
+        elif size == 0:  # the box runs to the end of the file
+            return None
+        if size < 8:
+            return None  # not ours to judge: the decoder refuses it
+        if at + size > end:
+            name = kind.decode("latin-1").strip()
+            return f"the HEIF data stops inside its {name!r} box ({end - at} of {size} bytes)"
+        at += size
+    return None
+
+
 def _open(data: bytes) -> Image.Image:
     if not data:
         raise ImageError(Reason.EMPTY, "is empty (0 bytes)")
     try:
         return Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
-        raise ImageError(
-            Reason.UNSUPPORTED, "is not a JPEG, PNG, WebP, BMP or TIFF image"
-        ) from None
+        raise ImageError(Reason.UNSUPPORTED, f"is not {FORMAT_NAMES}") from None
     except Exception as exc:  # a damaged header raises anything from SyntaxError to struct.error
         raise ImageError(Reason.CORRUPT, f"has a damaged header ({exc})") from exc
 
@@ -246,24 +284,46 @@ def check_limits(width: int, height: int, frames: int, max_pixels: int) -> None:
         )
 
 
-def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Picture:
-    """Decode an image file's bytes, upright (EXIF orientation applied), as 8-bit RGB(A)."""
+def _frames(image: Image.Image) -> int:
+    if image.format in PRIMARY_PICTURE_FORMATS:
+        return 1
+    return int(getattr(image, "n_frames", 1))
+
+
+def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, keep_source: bool = False) -> Picture:
+    """Decode an image file's bytes, upright (EXIF orientation applied), as 8-bit sRGB(A), with
+    its metadata; ``keep_source`` also keeps the colours as stored when they were converted."""
     image = _open(data)
     # Only header fields before this check: Pillow decodes a whole PNG to look for its EXIF.
-    check_limits(image.width, image.height, int(getattr(image, "n_frames", 1)), max_pixels)
+    check_limits(image.width, image.height, _frames(image), max_pixels)
     try:
-        if image.format == "JPEG" and image.mode in ("RGB", "L"):
-            orientation = _orientation(image)
+        if image.format in ("JPEG", "MPO") and image.mode in ("RGB", "L"):
             picture = _decode_jpeg_opencv(data)
         else:
             image.load()
-            orientation = _orientation(image)
             picture = _decode_pillow(image)
+        orientation = _orientation(image)
+        meta = read_metadata(image)
+        picture = _to_srgb(replace(picture, meta=meta), image.mode, keep_source)
     except ImageError:
         raise
     except Exception as exc:
         raise ImageError(Reason.CORRUPT, f"cannot be decoded: {exc}") from exc
     return orient(picture, orientation)
+
+
+def _to_srgb(picture: Picture, mode: str, keep_source: bool) -> Picture:
+    """The picture's colours in sRGB when its file embeds another RGB profile. A profile that
+    littleCMS cannot read, or one for other colours (a gray profile), is ignored: the pixels are
+    then taken as sRGB, as every viewer without colour management would show them."""
+    icc = picture.meta.icc
+    if icc is None or mode == "CMYK" or colour.is_srgb(icc):  # CMYK was converted on decoding
+        return picture
+    try:
+        rgb = colour.to_srgb(picture.rgb, icc)
+    except colour.ProfileError:
+        return picture
+    return replace(picture, rgb=rgb, source_rgb=picture.rgb if keep_source else None)
 
 
 def _decode_jpeg_opencv(data: bytes) -> Picture:
@@ -281,6 +341,13 @@ def _decode_pillow(image: Image.Image) -> Picture:
         return Picture(rgb=np.repeat(gray[:, :, None], 3, axis=2), alpha=None)
     if mode == "F":
         raise ImageError(Reason.UNSUPPORTED, "is a floating-point image; not supported")
+    icc = image.info.get("icc_profile")
+    if mode == "CMYK" and icc:
+        # Pillow's own CMYK→RGB ignores the inks' profile: prints come out over-saturated.
+        try:
+            return Picture(rgb=colour.to_srgb(np.asarray(image), icc, "CMYK"), alpha=None)
+        except colour.ProfileError:
+            pass
     has_alpha = mode in ALPHA_MODES or "transparency" in image.info
     if has_alpha:
         rgba = np.array(image.convert("RGBA"))
@@ -311,28 +378,66 @@ def orient(picture: Picture, orientation: int) -> Picture:
     fix = UPRIGHT.get(orientation)
     if fix is None:
         return picture
-    alpha = None if picture.alpha is None else np.ascontiguousarray(fix(picture.alpha))
-    return Picture(rgb=np.ascontiguousarray(fix(picture.rgb)), alpha=alpha)
+
+    def upright(pixels: np.ndarray | None) -> np.ndarray | None:
+        return None if pixels is None else np.ascontiguousarray(fix(pixels))
+
+    rgb = np.ascontiguousarray(fix(picture.rgb))
+    return replace(picture, rgb=rgb, alpha=upright(picture.alpha),
+                   source_rgb=upright(picture.source_rgb))  # fmt: skip
 
 
-def encode_png(pixels: np.ndarray, compression: int | str = "fast") -> bytes:
+def encode_png(
+    pixels: np.ndarray, compression: int | str = "fast", meta: Metadata | None = None
+) -> bytes:
     """PNG from RGBA (H, W, 4), RGB (H, W, 3) or gray (H, W) uint8 pixels. ``compression`` is
-    ``"fast"`` (ISA-L, see png.py) or a zlib level 0–9 (smaller files, much slower at 6–9)."""
+    ``"fast"`` (ISA-L, see png.py) or a zlib level 0–9 (smaller files, much slower at 6–9).
+    ``meta`` is written with it: resolution, colour profile (sRGB's as the 13-byte sRGB chunk),
+    EXIF and XMP."""
     if compression == "fast":
-        return png.encode(pixels)
-    if pixels.ndim == 3:
-        code = cv2.COLOR_RGBA2BGRA if pixels.shape[2] == 4 else cv2.COLOR_RGB2BGR
-        pixels = cv2.cvtColor(pixels, code)
-    ok, encoded = cv2.imencode(".png", pixels, [cv2.IMWRITE_PNG_COMPRESSION, int(compression)])
-    if not ok:
-        raise ValueError("PNG encoding failed")
-    return encoded.tobytes()
+        data = png.encode(pixels)
+    else:
+        if pixels.ndim == 3:
+            code = cv2.COLOR_RGBA2BGRA if pixels.shape[2] == 4 else cv2.COLOR_RGB2BGR
+            pixels = cv2.cvtColor(pixels, code)
+        params = [cv2.IMWRITE_PNG_COMPRESSION, int(compression)]
+        ok, encoded = cv2.imencode(".png", pixels, params)
+        if not ok:
+            raise ValueError("PNG encoding failed")
+        data = encoded.tobytes()
+    if meta is None:
+        return data
+    srgb = meta.icc is not None and meta.icc == colour.srgb_profile()
+    exif = None if meta.exif is None else exif_payload(meta.exif)
+    return png.with_chunks(data, png.metadata_chunks(meta.dpi, meta.icc, srgb, exif, meta.xmp))
 
 
-def encode_jpeg(rgb: np.ndarray, quality: int = 92) -> bytes:
-    ok, encoded = cv2.imencode(
-        ".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality]
-    )
-    if not ok:
-        raise ValueError("JPEG encoding failed")
-    return encoded.tobytes()
+def encode_jpeg(rgb: np.ndarray, quality: int = 92, meta: Metadata | None = None) -> bytes:
+    """JPEG from RGB (H, W, 3) or gray (H, W) uint8 pixels with ``meta``: resolution as JFIF
+    density in dots per inch, colour profile, EXIF and XMP. Pillow's encoder is libjpeg-turbo,
+    as OpenCV's, at the same settings (4:2:0); OpenCV cannot write any of the metadata."""
+    return _encode_pillow(rgb, "JPEG", meta, quality=quality)
+
+
+def encode_webp(
+    pixels: np.ndarray, quality: int = 92, lossless: bool = False, meta: Metadata | None = None
+) -> bytes:
+    """WebP from RGB(A) (H, W, 3 or 4) uint8 pixels, lossy at ``quality`` or lossless, with the
+    colour profile, EXIF and XMP of ``meta`` (WebP has no field for resolution)."""
+    return _encode_pillow(pixels, "WEBP", meta, quality=quality, lossless=lossless, method=4)
+
+
+def _encode_pillow(pixels: np.ndarray, fmt: str, meta: Metadata | None, **options: object) -> bytes:
+    meta = meta or Metadata()
+    fields: dict[str, object] = {}
+    if meta.dpi is not None and fmt == "JPEG":
+        fields["dpi"] = meta.dpi
+    if meta.icc is not None:
+        fields["icc_profile"] = meta.icc
+    if meta.exif is not None:
+        fields["exif"] = meta.exif
+    if meta.xmp is not None:
+        fields["xmp"] = meta.xmp
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, fmt, **options, **fields)
+    return buffer.getvalue()

@@ -21,6 +21,8 @@ class Reason(enum.StrEnum):
     NAME_COLLISION = "name_collision"  # collisions: error, and another input has the name
     UNSAFE_PATH = "unsafe_path"  # a symbolic link where an output folder should be
     RECOVERY = "recovery_failed"  # a job left by a stopped daemon that could not be resumed
+    NO_SUBJECT = "no_subject"  # a cropped or canvas output, and the matte holds nothing
+    TOO_BIG_OUTPUT = "output_too_big"  # max_bytes cannot be met even at the lowest quality
 
 
 class ImageError(Exception):

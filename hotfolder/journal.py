@@ -23,6 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# What an output's recipe changed on its own, as JSON: {"quality": {"{stem}.jpg": 71}} when
+# max_bytes lowered a JPEG's quality to fit.
+NOTES = "notes TEXT"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
@@ -41,7 +44,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     reason TEXT,
     error TEXT,
     outputs TEXT,
-    host TEXT
+    host TEXT,
+    notes TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_time ON jobs (claimed_at);
 -- The status page's filters and its images-per-minute, without a scan of the table.
@@ -93,6 +97,9 @@ class Journal:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+            if "notes" not in columns:  # journals written before outputs had notes
+                db.execute(f"ALTER TABLE jobs ADD COLUMN {NOTES}")
 
     @contextmanager
     def _locked(self) -> Iterator[sqlite3.Connection]:
@@ -112,8 +119,9 @@ class Journal:
             db.execute(sql, [job_id, *fields.values()])
 
     def update(self, job_id: str, **fields: Any) -> None:
-        if "outputs" in fields:
-            fields["outputs"] = json.dumps(fields["outputs"])
+        for name in ("outputs", "notes"):
+            if name in fields:
+                fields[name] = json.dumps(fields[name])
         assignments = ", ".join(f"{name} = ?" for name in fields)
         with self._locked() as db:
             db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", [*fields.values(), job_id])

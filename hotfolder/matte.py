@@ -140,11 +140,13 @@ def run(
 
     def decode(task: Task) -> imaging.Picture:
         data = imaging.read_file(task.source, limits.max_bytes)
-        return imaging.decode(data, limits.max_pixels)
+        keep_source = recipes.wants_source(tuple(output for output, _ in task.targets))
+        return imaging.decode(data, limits.max_pixels, keep_source)
 
     def publish(task: Task, picture: imaging.Picture, alpha: np.ndarray) -> None:
-        for output, target in task.targets:
-            write_atomic(target, recipes.render(output, picture, alpha))
+        rendered = recipes.render_all(tuple(o for o, _ in task.targets), picture, alpha)
+        for (_, target), data in zip(task.targets, rendered, strict=True):
+            write_atomic(target, data)
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         pending: list[tuple[Task, Future[None]]] = []
@@ -180,8 +182,9 @@ def _finish(
         try:
             future.result()
             summary.written += 1
-        except (OSError, ValueError) as exc:
-            summary.fail(task.source, f"cannot write outputs: {exc}")
+        except (OSError, ValueError, ImageError) as exc:
+            message = exc.message if isinstance(exc, ImageError) else str(exc)
+            summary.fail(task.source, f"cannot write outputs: {message}")
         progress(1)
     pending.clear()
 

@@ -13,11 +13,14 @@ takes an already-compressed image stream, so the framing cannot come from one.
 from __future__ import annotations
 
 import struct
+import zlib
 
 import numpy as np
 from isal import isal_zlib
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
+HEADER_END = len(SIGNATURE) + 12 + 13  # IHDR, always first, always 13 bytes of data
+INCH = 0.0254  # metres; PNG states resolution in pixels per metre
 COLOUR_TYPES = {1: 0, 3: 2, 4: 6}  # gray, RGB, RGBA by channel count
 FILTER_UP = 2  # each byte minus the byte above it: cheap, and good on photos and mattes
 ISAL_LEVEL = 1  # ISA-L's levels are 0–3; 1 was the fastest per byte saved on cutouts
@@ -52,3 +55,37 @@ def up_filtered(rows: np.ndarray) -> np.ndarray:
 def _chunk(kind: bytes, data: bytes = b"") -> bytes:
     crc = isal_zlib.crc32(data, isal_zlib.crc32(kind))
     return b"".join((struct.pack(">I", len(data)), kind, data, struct.pack(">I", crc)))
+
+
+def metadata_chunks(
+    dpi: tuple[float, float] | None = None,
+    icc: bytes | None = None,
+    srgb: bool = False,
+    exif: bytes | None = None,
+    xmp: bytes | None = None,
+) -> bytes:
+    """Ancillary chunks, to go before the image data: ``pHYs`` from ``dpi`` (x, y) dots per
+    inch; ``sRGB`` when ``srgb`` (13 bytes, where the sRGB profile would take hundreds), else
+    ``iCCP`` with the ``icc`` profile; ``eXIf`` with ``exif`` (a bare TIFF structure); ``iTXt``
+    with the ``xmp`` packet under the key Adobe defined for PNG."""
+    chunks = []
+    if dpi is not None:
+        per_metre = (round(dpi[0] / INCH), round(dpi[1] / INCH))
+        chunks.append(_chunk(b"pHYs", struct.pack(">IIB", *per_metre, 1)))  # 1: the metre
+    if srgb:
+        chunks.append(_chunk(b"sRGB", b"\x00"))  # rendering intent: perceptual
+    elif icc is not None:
+        chunks.append(_chunk(b"iCCP", b"ICC profile\x00\x00" + zlib.compress(icc)))
+    if exif is not None:
+        chunks.append(_chunk(b"eXIf", exif))
+    if xmp is not None:
+        chunks.append(_chunk(b"iTXt", b"XML:com.adobe.xmp\x00\x00\x00\x00\x00" + xmp))
+    return b"".join(chunks)
+
+
+def with_chunks(data: bytes, chunks: bytes) -> bytes:
+    """A PNG file with ``chunks`` inserted right after its header, where every ancillary chunk
+    that describes the pixels may stand."""
+    if not data.startswith(SIGNATURE) or data[12:16] != b"IHDR":
+        raise ValueError("not a PNG file")
+    return data[:HEADER_END] + chunks + data[HEADER_END:]

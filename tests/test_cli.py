@@ -44,7 +44,7 @@ def test_matte_writes_every_kind_and_reports_the_bad_file(inbox: Path, tmp_path:
     kinds = ["--kind", "cutout", "--kind", "mask", "--kind", "composite"]
     result = hotfolder("matte", str(inbox), "-o", str(out), *kinds, "--background", "#00ff00")
     assert result.returncode == 1, result.stderr
-    assert "notes.jpg: is not a JPEG, PNG, WebP, BMP or TIFF image" in result.stderr
+    assert "notes.jpg: is not a JPEG, PNG, WebP, BMP, TIFF, HEIC/HEIF or AVIF" in result.stderr
     written = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
     assert written == [
         "astronaut.jpg", "astronaut.mask.png", "astronaut.png",
@@ -57,8 +57,9 @@ def test_matte_writes_every_kind_and_reports_the_bad_file(inbox: Path, tmp_path:
     assert cutout.shape == (400, 600, 4)
     assert np.array_equal(cutout[:, :, 3], mask)
     original = corpus.load(inbox / "shoes/coffee.png")[1]
-    visible = mask > 0
-    assert np.array_equal(cutout[visible, :3], original[visible])
+    visible, opaque = mask > 0, mask == 255
+    # Opaque pixels are the photo's; the soft edge's carry the subject's estimated colour.
+    assert np.array_equal(cutout[opaque, :3], original[opaque])
     assert not cutout[~visible].any()  # invisible pixels are cleared: smaller, faster PNGs
     background = mask == 0
     assert background.any()

@@ -8,7 +8,7 @@ import os
 import queue
 import time
 
-from hotfolder import imaging, names
+from hotfolder import imaging, names, recipes
 from hotfolder.claims import DECODE, DECODED, Claim
 from hotfolder.collect import Stop
 from hotfolder.inboxes import Inbox
@@ -61,7 +61,8 @@ class Decode:
             data = imaging.read_file(claim.source, limits.max_bytes)
             if (unfinished := imaging.looks_incomplete(data)) is not None:
                 raise unfinished
-            picture = imaging.decode(data, limits.max_pixels)
+            keep_source = recipes.wants_source(inbox.config.outputs)
+            picture = imaging.decode(data, limits.max_pixels, keep_source)
         except ImageError as exc:
             if not self.still_arriving(inbox, claim, exc):
                 self.outcomes.reject(inbox, claim, exc.reason, exc.message)

@@ -56,12 +56,14 @@ class Publish:
         inference = {"inferred_at": item.inferred_at, "batch_size": item.batch_size,
                      "device": str(self.pipeline.engine.device)}  # fmt: skip
         started = time.monotonic()
+        lowered: dict[str, int] = {}  # output → the quality max_bytes made it take
         try:
             picture, alpha = decoded.picture, item.alpha
-            rendered = [recipes.render(o, picture, alpha) for o in inbox.config.outputs]
+            rendered = recipes.render_all(inbox.config.outputs, picture, alpha, lowered)
         except (ValueError, ImageError) as exc:
+            reason = exc.reason if isinstance(exc, ImageError) else Reason.ENCODE
             message = f"cannot encode outputs: {exc}"
-            self.outcomes.reject(inbox, claim, Reason.ENCODE, message, inference)
+            self.outcomes.reject(inbox, claim, reason, message, inference)
             return
         encoded = time.monotonic()
         self.pipeline.metrics.stage.labels("encode").observe(encoded - started)
@@ -98,6 +100,8 @@ class Publish:
         outputs = [names.escape(str(inbox.config.outbox / path)) for path, _ in files]
         record = {**inference, "attempts": claim.attempts, "sha256": decoded.sha256,
                   "outputs": outputs}  # fmt: skip
+        if lowered:
+            record["notes"] = {"quality": lowered}
         if self.thumbnails is not None:  # before the journal says success: the page shows both
             self.thumbnails.save(claim.job_id, picture, item.alpha)
         self.outcomes.close_archived(inbox, claim, record, timings, item.batch_size)

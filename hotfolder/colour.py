@@ -1,0 +1,72 @@
+"""Colour profiles: pictures to sRGB with littleCMS (Pillow's ImageCms), and sRGB's own profile.
+
+A photo saved in Adobe RGB, ProPhoto, Display P3 (every iPhone) or CMYK holds numbers that mean
+other colours than the same numbers in sRGB; read as sRGB, a product's red comes out orange or
+dull. The model was trained on sRGB and every viewer assumes sRGB for an untagged file, so
+pictures are converted on the way in and outputs are tagged as sRGB.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+
+import numpy as np
+from PIL import Image, ImageCms
+
+# Building a transform parses both profiles and precomputes tables (a few ms); photos from one
+# camera or phone share one profile, so transforms are kept by profile.
+TRANSFORM_CACHE = 32
+
+
+class ProfileError(ValueError):
+    """An embedded profile that littleCMS cannot read or use for this picture's colours."""
+
+
+@functools.cache
+def srgb_profile() -> bytes:
+    """The ICC profile (v2, a few hundred bytes) that tags an output as sRGB, from littleCMS."""
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+    return bytes(profile.tobytes())
+
+
+def describe(icc: bytes) -> str:
+    """The profile's description, as an ICC reader shows it ("Display P3", "Adobe RGB (1998)")."""
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        return str(ImageCms.getProfileDescription(profile)).strip()
+    except (OSError, ImageCms.PyCMSError) as exc:
+        raise ProfileError(f"unreadable colour profile ({exc})") from exc
+
+
+def is_srgb(icc: bytes) -> bool:
+    """Whether the profile is one of the many copies of sRGB (IEC 61966-2.1, Apple's, Google's
+    compact one). Their descriptions all say so; converting through them would only cost time
+    and add rounding."""
+    try:
+        return "srgb" in describe(icc).lower().replace(" ", "")
+    except ProfileError:
+        return False
+
+
+def to_srgb(pixels: np.ndarray, icc: bytes, mode: str = "RGB") -> np.ndarray:
+    """Pixels described by ``icc`` as sRGB: ``pixels`` (H, W, 3) uint8 for ``mode`` "RGB" or
+    (H, W, 4) uint8 for "CMYK" (Pillow's convention: 0 is no ink); returns (H, W, 3) uint8.
+    Perceptual intent, as photo software uses for images. Raises ProfileError when the profile
+    cannot be read or is for another colour space than ``mode``."""
+    transform = _transform(icc, mode)
+    image = Image.fromarray(pixels, mode)
+    converted = ImageCms.applyTransform(image, transform)
+    assert converted is not None  # applyTransform returns None only with inPlace=True
+    return np.asarray(converted)
+
+
+@functools.lru_cache(maxsize=TRANSFORM_CACHE)
+def _transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform:
+    """The littleCMS transform from ``icc`` to sRGB."""
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+        return ImageCms.buildTransform(source, srgb, mode, "RGB", ImageCms.Intent.PERCEPTUAL)
+    except (OSError, ImageCms.PyCMSError) as exc:
+        raise ProfileError(f"colour profile cannot be used for {mode} pixels ({exc})") from exc
