@@ -427,7 +427,18 @@ def encode_webp(
     return _encode_pillow(pixels, "WEBP", meta, quality=quality, lossless=lossless, method=4)
 
 
+# The most pixels a side each format can hold (libjpeg-turbo's and libwebp's limits).
+MAX_SIDE = {"JPEG": 65_500, "WEBP": 16_383}
+
+
 def _encode_pillow(pixels: np.ndarray, fmt: str, meta: Metadata | None, **options: object) -> bytes:
+    """Raises ValueError when the picture does not fit the format; Pillow reports some of
+    these as OSError, which the daemon must not take for a disk failure."""
+    height, width = pixels.shape[:2]
+    if max(width, height) > MAX_SIDE[fmt]:
+        raise ValueError(
+            f"{width}×{height} pixels do not fit {fmt}: it holds at most {MAX_SIDE[fmt]} a side"
+        )
     meta = meta or Metadata()
     fields: dict[str, object] = {}
     if meta.dpi is not None and fmt == "JPEG":

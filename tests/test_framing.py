@@ -171,3 +171,16 @@ def test_a_journal_from_before_notes_gains_the_column(tmp_path: Path) -> None:
     with contextlib.closing(sqlite3.connect(path)) as db:
         (notes,) = db.execute("SELECT notes FROM jobs WHERE id = 'job1'").fetchone()
     assert json.loads(notes) == {"quality": {"{stem}.jpg": 71}}
+
+
+def test_a_picture_too_wide_for_jpeg_fails_alone(site: Site, photos: dict[str, np.ndarray]) -> None:
+    """JPEG holds at most 65 500 pixels a side: a panorama strip wider than that (well within
+    the pixel limit) goes to errors/ with the reason, and the daemon serves the next photo."""
+    site.write_config(inbox={"outputs": [{"kind": "composite"}]})
+    corpus.write(site.inbox, "strip.png", corpus.png(np.full((2, 66_000, 3), 200, np.uint8)))
+    corpus.write(site.inbox, "cup.jpg", corpus.jpeg(photos["coffee"]))
+    assert run_once(site.config, site.root / "log") == 1
+    assert site.files(site.done) == ["cup.jpg"]
+    report = json.loads((site.errors / "strip.png.error.json").read_text())
+    assert report["reason"] == "encode_failed"
+    assert "65500" in report["message"]
