@@ -414,7 +414,8 @@ def encode_png(
 
 def encode_jpeg(rgb: np.ndarray, quality: int = 92, meta: Metadata | None = None) -> bytes:
     """JPEG from RGB (H, W, 3) or gray (H, W) uint8 pixels with ``meta``: resolution as JFIF
-    density in dots per inch, colour profile, EXIF and XMP. Pillow's encoder is libjpeg-turbo,
+    density in dots per inch, colour profile, EXIF and XMP (each left out when over the 64 KiB
+    a JPEG segment holds). Pillow's encoder is libjpeg-turbo,
     as OpenCV's, at the same settings (4:2:0); OpenCV cannot write any of the metadata."""
     return _encode_pillow(rgb, "JPEG", meta, quality=quality)
 
@@ -429,6 +430,11 @@ def encode_webp(
 
 # The most pixels a side each format can hold (libjpeg-turbo's and libwebp's limits).
 MAX_SIDE = {"JPEG": 65_500, "WEBP": 16_383}
+# JPEG carries EXIF and XMP in one APP1 segment each, of at most 64 KiB: its length field's
+# 65 535 less the field itself, and for XMP its namespace header. Larger blocks (Photoshop's
+# document history in XMP often is) are left out of a JPEG rather than fail the photo.
+JPEG_MAX_EXIF = 65_533
+JPEG_MAX_XMP = 65_533 - len(b"http://ns.adobe.com/xap/1.0/\x00")
 
 
 def _encode_pillow(pixels: np.ndarray, fmt: str, meta: Metadata | None, **options: object) -> bytes:
@@ -445,9 +451,10 @@ def _encode_pillow(pixels: np.ndarray, fmt: str, meta: Metadata | None, **option
         fields["dpi"] = meta.dpi
     if meta.icc is not None:
         fields["icc_profile"] = meta.icc
-    if meta.exif is not None:
+    jpeg = fmt == "JPEG"
+    if meta.exif is not None and not (jpeg and len(meta.exif) > JPEG_MAX_EXIF):
         fields["exif"] = meta.exif
-    if meta.xmp is not None:
+    if meta.xmp is not None and not (jpeg and len(meta.xmp) > JPEG_MAX_XMP):
         fields["xmp"] = meta.xmp
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, fmt, **options, **fields)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pillow_heif
 import pytest
-from PIL import Image, ImageCms
+from PIL import Image, ImageCms, PngImagePlugin
 
 from hotfolder import imaging, recipes
 from hotfolder.jobs import ImageError, Reason
@@ -260,3 +260,26 @@ def test_heic_and_avif_being_copied_look_incomplete(fmt: str) -> None:
         unfinished = imaging.looks_incomplete(data[:cut])
         assert unfinished is not None, cut
         assert unfinished.reason == Reason.CORRUPT
+
+
+def test_metadata_too_long_for_jpeg_is_left_out_of_the_jpeg_only() -> None:
+    """Photoshop's XMP (its document history) often passes the 64 KiB a JPEG segment holds:
+    the JPEG output is written without that packet, keeping the EXIF; a PNG keeps it all."""
+    ancestors = "".join(f"<rdf:li>xmp.did:{i:060d}</rdf:li>" for i in range(1200))
+    xmp = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
+           'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description '
+           'xmlns:photoshop="http://ns.adobe.com/photoshop/1.0/"><photoshop:DocumentAncestors>'
+           f"<rdf:Bag>{ancestors}</rdf:Bag></photoshop:DocumentAncestors></rdf:Description>"
+           "</rdf:RDF></x:xmpmeta>")  # fmt: skip
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", xmp)
+    data = saved(Image.fromarray(red_block()), "PNG", exif=exif(orientation=1), pnginfo=info)
+    picture = imaging.decode(data)
+    assert picture.meta.xmp is not None
+    assert len(picture.meta.xmp) > 65_536
+    for fmt in ("jpg", "png"):
+        kept = recipes.parse_output({"kind": "composite", "format": fmt, "metadata": True}, "o")
+        written = Image.open(io.BytesIO(recipes.render(kept, picture, opaque(picture))))
+        assert written.getexif()[0x8298] == "(c) Example Shop"
+        packet = written.info.get("xmp") or written.info.get("XML:com.adobe.xmp")
+        assert (packet is None) == (fmt == "jpg")
