@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import sqlite3
+import tracemalloc
 from pathlib import Path
 
 import cv2
@@ -184,3 +185,20 @@ def test_a_picture_too_wide_for_jpeg_fails_alone(site: Site, photos: dict[str, n
     report = json.loads((site.errors / "strip.png.error.json").read_text())
     assert report["reason"] == "encode_failed"
     assert "65500" in report["message"]
+
+
+def test_a_faint_haze_over_the_photo_is_not_enlarged_beyond_the_canvas() -> None:
+    """A small product on a 6 MP photo whose matte keeps a faint haze (alpha 1) everywhere is
+    enlarged 4× for the canvas: only the part that lands on the canvas is scaled, not the
+    whole photo (96 MP, over a gigabyte of intermediate pixels)."""
+    picture, alpha = scene((1450, 950, 100, 100), size=(3000, 2000))
+    alpha = np.maximum(alpha, 1)
+    tracemalloc.start()
+    try:
+        rgb, framed = framing.on_canvas(picture.rgb, alpha, (1000, 1000), 0.0, (255, 255, 255))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20
+    assert measured_box(framed) == pytest.approx((300, 300, 400, 400), abs=2)
+    assert rgb.shape == (1000, 1000, 3)
