@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import re
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -283,3 +284,24 @@ def test_metadata_too_long_for_jpeg_is_left_out_of_the_jpeg_only() -> None:
         assert written.getexif()[0x8298] == "(c) Example Shop"
         packet = written.info.get("xmp") or written.info.get("XML:com.adobe.xmp")
         assert (packet is None) == (fmt == "jpg")
+
+
+def test_one_photos_xmp_cannot_spoil_the_next_ones() -> None:
+    """XMP prefixes are kept by name for every packet written after; a packet that binds its
+    own prefix to XML's reserved namespace (a parse error, dropped) must not make the next
+    photo's ``xml:lang`` come out as invalid XML."""
+    hostile = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/" '
+               b'xmlns:bad="http://www.w3.org/XML/1998/namespace"/>')  # fmt: skip
+    rights = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
+              b'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description '
+              b'xmlns:dc="http://purl.org/dc/elements/1.1/"><dc:rights><rdf:Alt>'
+              b'<rdf:li xml:lang="x-default">(c) Example Shop</rdf:li></rdf:Alt></dc:rights>'
+              b"</rdf:Description></rdf:RDF></x:xmpmeta>")  # fmt: skip
+    first = imaging.decode(saved(Image.fromarray(red_block()), "JPEG", xmp=hostile))
+    assert first.meta.xmp is None
+    picture = imaging.decode(saved(Image.fromarray(red_block()), "JPEG", xmp=rights))
+    kept = recipes.parse_output({"kind": "composite", "metadata": True}, "o")
+    written = Image.open(io.BytesIO(recipes.render(kept, picture, opaque(picture))))
+    packet = ET.fromstring(written.info["xmp"])
+    (item,) = packet.iter("{http://www.w3.org/1999/02/22-rdf-syntax-ns#}li")
+    assert item.get("{http://www.w3.org/XML/1998/namespace}lang") == "x-default"
