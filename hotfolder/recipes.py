@@ -157,7 +157,7 @@ def parse_output(raw: Any, key: str) -> Output:
     crop, lossless = _flag(raw, "crop", False, key), _flag(raw, "lossless", False, key)
     if lossless and fmt != "webp":
         raise RecipeError(f"{key}.lossless: only for format webp")
-    canvas, padding = _canvas(raw.get("canvas"), key), raw.get("padding", 0.0)
+    canvas, padding = _canvas(raw.get("canvas"), fmt, key), raw.get("padding", 0.0)
     if isinstance(padding, bool) or not isinstance(padding, int | float) or not 0 <= padding < 0.5:
         raise RecipeError(f"{key}.padding: a fraction from 0 to below 0.5, got {padding!r}")
     max_bytes = raw.get("max_bytes")
@@ -170,15 +170,14 @@ def parse_output(raw: Any, key: str) -> Output:
                   decontaminate, crop, canvas, float(padding), max_bytes, lossless)  # fmt: skip
 
 
-def _canvas(value: Any, key: str) -> tuple[int, int] | None:
+def _canvas(value: Any, fmt: str, key: str) -> tuple[int, int] | None:
     if value is None:
         return None
+    largest = min(MAX_CANVAS_SIDE, imaging.MAX_SIDE["WEBP"]) if fmt == "webp" else MAX_CANVAS_SIDE
     sides = list(value) if isinstance(value, list | tuple) else []
     if len(sides) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
-                                  and 1 <= v <= MAX_CANVAS_SIDE for v in sides):  # fmt: skip
-        raise RecipeError(
-            f"{key}.canvas: [width, height] in pixels, 1–{MAX_CANVAS_SIDE}, got {value!r}"
-        )
+                                  and 1 <= v <= largest for v in sides):  # fmt: skip
+        raise RecipeError(f"{key}.canvas: [width, height] in pixels, 1–{largest}, got {value!r}")
     return sides[0], sides[1]
 
 

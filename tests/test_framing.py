@@ -202,3 +202,11 @@ def test_a_faint_haze_over_the_photo_is_not_enlarged_beyond_the_canvas() -> None
     assert peak < 64 * 2**20
     assert measured_box(framed) == pytest.approx((300, 300, 400, 400), abs=2)
     assert rgb.shape == (1000, 1000, 3)
+
+
+def test_a_webp_canvas_must_fit_webp() -> None:
+    """WebP holds at most 16 383 pixels a side: a larger canvas is refused with the config,
+    not on every photo."""
+    with pytest.raises(recipes.RecipeError, match=r"canvas.*16383"):
+        output(format="webp", canvas=[20_000, 1000])
+    assert output(format="webp", canvas=[16_383, 1000]).canvas == (16_383, 1000)
