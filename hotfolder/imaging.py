@@ -287,7 +287,10 @@ def check_limits(width: int, height: int, frames: int, max_pixels: int) -> None:
 def _frames(image: Image.Image) -> int:
     if image.format in PRIMARY_PICTURE_FORMATS:
         return 1
-    return int(getattr(image, "n_frames", 1))
+    try:
+        return int(getattr(image, "n_frames", 1))
+    except Exception as exc:  # counting reads every frame's header: a damaged one raises anything
+        raise ImageError(Reason.CORRUPT, f"has a damaged frame header ({exc})") from exc
 
 
 def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, keep_source: bool = False) -> Picture:
