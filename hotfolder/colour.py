@@ -61,6 +61,30 @@ def to_srgb(pixels: np.ndarray, icc: bytes, mode: str = "RGB") -> np.ndarray:
     return np.asarray(converted)
 
 
+def from_srgb(rgb: tuple[int, int, int], icc: bytes) -> tuple[int, int, int]:
+    """The numbers (0–255 each) that mean the sRGB colour ``rgb`` in the RGB profile ``icc``:
+    a background asked for as sRGB, for an output in the photo's own colours. Relative
+    colorimetric intent: a colour in both gamuts comes out exactly that colour. Raises
+    ProfileError when the profile cannot be read or cannot be converted into."""
+    pixel = Image.new("RGB", (1, 1), rgb)
+    converted = ImageCms.applyTransform(pixel, _transform_from_srgb(icc))
+    assert converted is not None  # applyTransform returns None only with inPlace=True
+    red, green, blue = np.asarray(converted)[0, 0]
+    return int(red), int(green), int(blue)
+
+
+@functools.lru_cache(maxsize=TRANSFORM_CACHE)
+def _transform_from_srgb(icc: bytes) -> ImageCms.ImageCmsTransform:
+    """The littleCMS transform from sRGB to ``icc``."""
+    try:
+        target = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+        intent = ImageCms.Intent.RELATIVE_COLORIMETRIC
+        return ImageCms.buildTransform(srgb, target, "RGB", "RGB", intent)
+    except (OSError, ImageCms.PyCMSError) as exc:
+        raise ProfileError(f"colour profile cannot be converted into ({exc})") from exc
+
+
 @functools.lru_cache(maxsize=TRANSFORM_CACHE)
 def _transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform:
     """The littleCMS transform from ``icc`` to sRGB."""

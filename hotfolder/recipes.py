@@ -278,17 +278,30 @@ def _render(
 ) -> tuple[bytes, int]:
     """(the output's bytes, the quality it was written at)."""
     source = output.colours == "source" and picture.source_rgb is not None
+    background = _background_for(output, picture.meta.icc if source else None)
     if output.canvas is not None:
         rgb, alpha = framing.on_canvas(rgb, alpha, output.canvas, output.padding,
-                                       output.background)  # fmt: skip
+                                       background)  # fmt: skip
     elif output.crop:
         rgb, alpha = framing.crop(rgb, alpha, output.padding)
     if output.kind == Kind.MASK:
         return _encode(output, alpha, _metadata(output, picture, None))
     meta = _metadata(output, picture, picture.meta.icc if source else colour.srgb_profile())
-    if output.kind == Kind.CUTOUT or output.background is None:
+    if output.kind == Kind.CUTOUT or background is None:
         return _encode(output, cutout(rgb, alpha, output.clear_transparent), meta)
-    return _encode(output, composite(rgb, alpha, output.background), meta)
+    return _encode(output, composite(rgb, alpha, background), meta)
+
+
+def _background_for(output: Output, icc: bytes | None) -> tuple[int, int, int] | None:
+    """The output's background (given in sRGB) in the colours its pixels are in: those of
+    ``icc`` when the output keeps the photo's own, else sRGB. A profile littleCMS cannot
+    convert into keeps the numbers as given."""
+    if output.background is None or icc is None:
+        return output.background
+    try:
+        return colour.from_srgb(output.background, icc)
+    except colour.ProfileError:
+        return output.background
 
 
 def _encode(output: Output, pixels: np.ndarray, meta: Metadata) -> tuple[bytes, int]:

@@ -305,3 +305,17 @@ def test_one_photos_xmp_cannot_spoil_the_next_ones() -> None:
     packet = ET.fromstring(written.info["xmp"])
     (item,) = packet.iter("{http://www.w3.org/1999/02/22-rdf-syntax-ns#}li")
     assert item.get("{http://www.w3.org/XML/1998/namespace}lang") == "x-default"
+
+
+@pytest.mark.parametrize("space", ["Adobe RGB (1998)", "ProPhoto RGB"])
+def test_background_in_source_colours_is_the_colour_asked_for(space: str) -> None:
+    """A composite in the photo's own colours gets its background in those colours too: a
+    grey #808080 or a tan shows as that grey and tan in any colour-managed viewer."""
+    icc = profiles.rgb_profile(space)
+    picture = imaging.decode(saved(in_profile(red_block(), icc), "PNG", icc_profile=icc),
+                             keep_source=True)  # fmt: skip
+    nothing = np.zeros(picture.rgb.shape[:2], np.uint8)
+    for background, rgb in [("#808080", (128, 128, 128)), ("#c89664", (200, 150, 100))]:
+        keys = {"kind": "composite", "format": "png", "colours": "source", "background": background}
+        written = recipes.render(recipes.parse_output(keys, "o"), picture, nothing)
+        assert np.abs(littlecms_srgb(written)[0, 0].astype(int) - rgb).max() <= 2, background
