@@ -30,23 +30,20 @@ def srgb_profile() -> bytes:
     return bytes(profile.tobytes())
 
 
-def describe(icc: bytes) -> str:
-    """The profile's description, as an ICC reader shows it ("Display P3", "Adobe RGB (1998)")."""
-    try:
-        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-        return str(ImageCms.getProfileDescription(profile)).strip()
-    except (OSError, ImageCms.PyCMSError) as exc:
-        raise ProfileError(f"unreadable colour profile ({exc})") from exc
+# Colours spread over the cube, each channel at every level from black to full.
+SRGB_PROBE = np.stack(np.meshgrid(*[np.arange(0, 256, 17, dtype=np.uint8)] * 3), axis=-1)
 
 
+@functools.lru_cache(maxsize=TRANSFORM_CACHE)
 def is_srgb(icc: bytes) -> bool:
     """Whether the profile is one of the many copies of sRGB (IEC 61966-2.1, Apple's, Google's
-    compact one). Their descriptions all say so; converting through them would only cost time
-    and add rounding."""
+    compact one): converting through them would only cost time and add rounding. Judged by
+    its colours, not its name: linear-light profiles are often named like sRGB too."""
     try:
-        return "srgb" in describe(icc).lower().replace(" ", "")
+        converted = to_srgb(SRGB_PROBE.reshape(16, -1, 3), icc).reshape(SRGB_PROBE.shape)
     except ProfileError:
         return False
+    return bool(np.abs(converted.astype(np.int16) - SRGB_PROBE).max() <= 1)
 
 
 def to_srgb(pixels: np.ndarray, icc: bytes, mode: str = "RGB") -> np.ndarray:

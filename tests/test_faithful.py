@@ -319,3 +319,14 @@ def test_background_in_source_colours_is_the_colour_asked_for(space: str) -> Non
         keys = {"kind": "composite", "format": "png", "colours": "source", "background": background}
         written = recipes.render(recipes.parse_output(keys, "o"), picture, nothing)
         assert np.abs(littlecms_srgb(written)[0, 0].astype(int) - rgb).max() <= 2, background
+
+
+def test_a_linear_profile_named_srgb_is_converted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Graphics and raw tools tag linear-light pictures with profiles named like sRGB ("sRGB
+    linear", "sRGB-elle-V2-g10"): what a profile means is its colours, not its name."""
+    linear = ((0.64, 0.33), (0.30, 0.60), (0.15, 0.06), (0.3127, 0.3290), 1.0)  # sRGB's, gamma 1
+    monkeypatch.setitem(profiles.SPACES, "sRGB linear", linear)
+    icc = profiles.rgb_profile("sRGB linear")
+    data = saved(in_profile(red_block(), icc), "PNG", icc_profile=icc)
+    picture = imaging.decode(data)
+    assert np.abs(picture.rgb[CENTRE].astype(int) - RED).max() <= 2
