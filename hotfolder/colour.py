@@ -55,7 +55,7 @@ def to_srgb(pixels: np.ndarray, icc: bytes, mode: str = "RGB") -> np.ndarray:
     image = Image.fromarray(pixels, mode)
     converted = ImageCms.applyTransform(image, transform)
     assert converted is not None  # applyTransform returns None only with inPlace=True
-    return np.asarray(converted)
+    return np.array(converted)  # writable, as the model takes pixels without copying them
 
 
 def from_srgb(rgb: tuple[int, int, int], icc: bytes) -> tuple[int, int, int]:

@@ -330,3 +330,14 @@ def test_a_linear_profile_named_srgb_is_converted(monkeypatch: pytest.MonkeyPatc
     data = saved(in_profile(red_block(), icc), "PNG", icc_profile=icc)
     picture = imaging.decode(data)
     assert np.abs(picture.rgb[CENTRE].astype(int) - RED).max() <= 2
+
+
+def test_converted_pixels_are_writable_like_every_decoded_picture() -> None:
+    """The model takes pixels as tensors without copying them; read-only ones (a view of
+    Pillow's buffer) make PyTorch warn of undefined behaviour in the daemon's log."""
+    icc = profiles.rgb_profile("Adobe RGB (1998)")
+    picture = imaging.decode(saved(in_profile(red_block(), icc), "PNG", icc_profile=icc))
+    assert picture.rgb.flags.writeable
+    cmyk = saved(Image.fromarray(red_block()).convert("CMYK"), "JPEG",
+                 icc_profile=profiles.cmyk_profile())  # fmt: skip
+    assert imaging.decode(cmyk).rgb.flags.writeable
