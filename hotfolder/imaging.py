@@ -14,7 +14,7 @@ import errno
 import io
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -307,7 +307,10 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, keep_source: bool 
             picture = _decode_pillow(image)
         orientation = _orientation(image)
         meta = read_metadata(image)
-        picture = _to_srgb(replace(picture, meta=meta), image.mode, keep_source)
+        picture = replace(picture, meta=meta)
+        if meta.icc is None:
+            picture = _nclx_to_srgb(picture, image.info.get("nclx_profile"))
+        picture = _to_srgb(picture, image.mode, keep_source)
     except ImageError:
         raise
     except Exception as exc:
@@ -327,6 +330,13 @@ def _to_srgb(picture: Picture, mode: str, keep_source: bool) -> Picture:
     except colour.ProfileError:
         return picture
     return replace(picture, rgb=rgb, source_rgb=picture.rgb if keep_source else None)
+
+
+def _nclx_to_srgb(picture: Picture, nclx: object) -> Picture:
+    """The picture's colours in sRGB when a HEIC says them with code points, not a profile.
+    There is no profile to keep, so ``colours: source`` outputs are sRGB for these."""
+    rgb = colour.nclx_to_srgb(picture.rgb, nclx) if isinstance(nclx, Mapping) else None
+    return picture if rgb is None else replace(picture, rgb=rgb)
 
 
 def _decode_jpeg_opencv(data: bytes) -> Picture:

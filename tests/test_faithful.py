@@ -341,3 +341,18 @@ def test_converted_pixels_are_writable_like_every_decoded_picture() -> None:
     cmyk = saved(Image.fromarray(red_block()).convert("CMYK"), "JPEG",
                  icc_profile=profiles.cmyk_profile())  # fmt: skip
     assert imaging.decode(cmyk).rgb.flags.writeable
+
+
+def test_heic_colours_signalled_without_a_profile_are_converted() -> None:
+    """HEIC from most phones but the iPhone says its colours with code points (nclx: Display
+    P3 primaries, sRGB's curve) instead of an ICC profile: they are converted all the same."""
+    icc = profiles.rgb_profile("Display P3")
+    stored = np.full((64, 64, 3), 0, np.uint8)
+    stored[:] = np.asarray(in_profile(red_block(), icc))[CENTRE]
+    buffer = io.BytesIO()
+    pillow_heif.from_pillow(Image.fromarray(stored)).save(
+        buffer, quality=95, color_primaries=12, transfer_characteristics=13,
+        matrix_coefficients=6, full_range_flag=1,
+    )  # fmt: skip
+    picture = imaging.decode(buffer.getvalue())
+    assert np.abs(picture.rgb[32, 32].astype(int) - RED).max() <= 4
