@@ -14,7 +14,7 @@ import errno
 import io
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -287,7 +287,10 @@ def check_limits(width: int, height: int, frames: int, max_pixels: int) -> None:
 def _frames(image: Image.Image) -> int:
     if image.format in PRIMARY_PICTURE_FORMATS:
         return 1
-    return int(getattr(image, "n_frames", 1))
+    try:
+        return int(getattr(image, "n_frames", 1))
+    except Exception as exc:  # counting reads every frame's header: a damaged one raises anything
+        raise ImageError(Reason.CORRUPT, f"has a damaged frame header ({exc})") from exc
 
 
 def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, keep_source: bool = False) -> Picture:
@@ -304,7 +307,10 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, keep_source: bool 
             picture = _decode_pillow(image)
         orientation = _orientation(image)
         meta = read_metadata(image)
-        picture = _to_srgb(replace(picture, meta=meta), image.mode, keep_source)
+        picture = replace(picture, meta=meta)
+        if meta.icc is None:
+            picture = _nclx_to_srgb(picture, image.info.get("nclx_profile"))
+        picture = _to_srgb(picture, image.mode, keep_source)
     except ImageError:
         raise
     except Exception as exc:
@@ -324,6 +330,13 @@ def _to_srgb(picture: Picture, mode: str, keep_source: bool) -> Picture:
     except colour.ProfileError:
         return picture
     return replace(picture, rgb=rgb, source_rgb=picture.rgb if keep_source else None)
+
+
+def _nclx_to_srgb(picture: Picture, nclx: object) -> Picture:
+    """The picture's colours in sRGB when a HEIC says them with code points, not a profile.
+    There is no profile to keep, so ``colours: source`` outputs are sRGB for these."""
+    rgb = colour.nclx_to_srgb(picture.rgb, nclx) if isinstance(nclx, Mapping) else None
+    return picture if rgb is None else replace(picture, rgb=rgb)
 
 
 def _decode_jpeg_opencv(data: bytes) -> Picture:
@@ -414,7 +427,8 @@ def encode_png(
 
 def encode_jpeg(rgb: np.ndarray, quality: int = 92, meta: Metadata | None = None) -> bytes:
     """JPEG from RGB (H, W, 3) or gray (H, W) uint8 pixels with ``meta``: resolution as JFIF
-    density in dots per inch, colour profile, EXIF and XMP. Pillow's encoder is libjpeg-turbo,
+    density in dots per inch, colour profile, EXIF and XMP (each left out when over the 64 KiB
+    a JPEG segment holds). Pillow's encoder is libjpeg-turbo,
     as OpenCV's, at the same settings (4:2:0); OpenCV cannot write any of the metadata."""
     return _encode_pillow(rgb, "JPEG", meta, quality=quality)
 
@@ -427,16 +441,33 @@ def encode_webp(
     return _encode_pillow(pixels, "WEBP", meta, quality=quality, lossless=lossless, method=4)
 
 
+# The most pixels a side each format can hold (libjpeg-turbo's and libwebp's limits).
+MAX_SIDE = {"JPEG": 65_500, "WEBP": 16_383}
+# JPEG carries EXIF and XMP in one APP1 segment each, of at most 64 KiB: its length field's
+# 65 535 less the field itself, and for XMP its namespace header. Larger blocks (Photoshop's
+# document history in XMP often is) are left out of a JPEG rather than fail the photo.
+JPEG_MAX_EXIF = 65_533
+JPEG_MAX_XMP = 65_533 - len(b"http://ns.adobe.com/xap/1.0/\x00")
+
+
 def _encode_pillow(pixels: np.ndarray, fmt: str, meta: Metadata | None, **options: object) -> bytes:
+    """Raises ValueError when the picture does not fit the format; Pillow reports some of
+    these as OSError, which the daemon must not take for a disk failure."""
+    height, width = pixels.shape[:2]
+    if max(width, height) > MAX_SIDE[fmt]:
+        raise ValueError(
+            f"{width}×{height} pixels do not fit {fmt}: it holds at most {MAX_SIDE[fmt]} a side"
+        )
     meta = meta or Metadata()
     fields: dict[str, object] = {}
     if meta.dpi is not None and fmt == "JPEG":
         fields["dpi"] = meta.dpi
     if meta.icc is not None:
         fields["icc_profile"] = meta.icc
-    if meta.exif is not None:
+    jpeg = fmt == "JPEG"
+    if meta.exif is not None and not (jpeg and len(meta.exif) > JPEG_MAX_EXIF):
         fields["exif"] = meta.exif
-    if meta.xmp is not None:
+    if meta.xmp is not None and not (jpeg and len(meta.xmp) > JPEG_MAX_XMP):
         fields["xmp"] = meta.xmp
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, fmt, **options, **fields)

@@ -128,8 +128,15 @@ def _clean_xmp(data: bytes, keep_gps: bool) -> bytes:
 XMLNS = re.compile(rb'xmlns:([A-Za-z_][\w.-]*)\s*=\s*["\']([^"\']*)["\']')
 
 
+# XML's own namespace is always written as the "xml" prefix; ElementTree's registry of prefixes
+# is shared by every packet after, so one packet may not rebind it (nor claim "xml"/"xmlns").
+XML_NS = "http://www.w3.org/XML/1998/namespace"
+RESERVED_PREFIXES = {"xml", "xmlns"}
+
+
 def _namespaces(data: bytes) -> list[tuple[str, str]]:
-    return [(p.decode(), u.decode()) for p, u in XMLNS.findall(data)]
+    found = [(p.decode(), u.decode()) for p, u in XMLNS.findall(data)]
+    return [(p, u) for p, u in found if p.lower() not in RESERVED_PREFIXES and u != XML_NS]
 
 
 def exif_payload(exif: bytes) -> bytes:

@@ -157,7 +157,7 @@ def parse_output(raw: Any, key: str) -> Output:
     crop, lossless = _flag(raw, "crop", False, key), _flag(raw, "lossless", False, key)
     if lossless and fmt != "webp":
         raise RecipeError(f"{key}.lossless: only for format webp")
-    canvas, padding = _canvas(raw.get("canvas"), key), raw.get("padding", 0.0)
+    canvas, padding = _canvas(raw.get("canvas"), fmt, key), raw.get("padding", 0.0)
     if isinstance(padding, bool) or not isinstance(padding, int | float) or not 0 <= padding < 0.5:
         raise RecipeError(f"{key}.padding: a fraction from 0 to below 0.5, got {padding!r}")
     max_bytes = raw.get("max_bytes")
@@ -170,15 +170,14 @@ def parse_output(raw: Any, key: str) -> Output:
                   decontaminate, crop, canvas, float(padding), max_bytes, lossless)  # fmt: skip
 
 
-def _canvas(value: Any, key: str) -> tuple[int, int] | None:
+def _canvas(value: Any, fmt: str, key: str) -> tuple[int, int] | None:
     if value is None:
         return None
+    largest = min(MAX_CANVAS_SIDE, imaging.MAX_SIDE["WEBP"]) if fmt == "webp" else MAX_CANVAS_SIDE
     sides = list(value) if isinstance(value, list | tuple) else []
     if len(sides) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
-                                  and 1 <= v <= MAX_CANVAS_SIDE for v in sides):  # fmt: skip
-        raise RecipeError(
-            f"{key}.canvas: [width, height] in pixels, 1–{MAX_CANVAS_SIDE}, got {value!r}"
-        )
+                                  and 1 <= v <= largest for v in sides):  # fmt: skip
+        raise RecipeError(f"{key}.canvas: [width, height] in pixels, 1–{largest}, got {value!r}")
     return sides[0], sides[1]
 
 
@@ -279,17 +278,30 @@ def _render(
 ) -> tuple[bytes, int]:
     """(the output's bytes, the quality it was written at)."""
     source = output.colours == "source" and picture.source_rgb is not None
+    background = _background_for(output, picture.meta.icc if source else None)
     if output.canvas is not None:
         rgb, alpha = framing.on_canvas(rgb, alpha, output.canvas, output.padding,
-                                       output.background)  # fmt: skip
+                                       background)  # fmt: skip
     elif output.crop:
         rgb, alpha = framing.crop(rgb, alpha, output.padding)
     if output.kind == Kind.MASK:
         return _encode(output, alpha, _metadata(output, picture, None))
     meta = _metadata(output, picture, picture.meta.icc if source else colour.srgb_profile())
-    if output.kind == Kind.CUTOUT or output.background is None:
+    if output.kind == Kind.CUTOUT or background is None:
         return _encode(output, cutout(rgb, alpha, output.clear_transparent), meta)
-    return _encode(output, composite(rgb, alpha, output.background), meta)
+    return _encode(output, composite(rgb, alpha, background), meta)
+
+
+def _background_for(output: Output, icc: bytes | None) -> tuple[int, int, int] | None:
+    """The output's background (given in sRGB) in the colours its pixels are in: those of
+    ``icc`` when the output keeps the photo's own, else sRGB. A profile littleCMS cannot
+    convert into keeps the numbers as given."""
+    if output.background is None or icc is None:
+        return output.background
+    try:
+        return colour.from_srgb(output.background, icc)
+    except colour.ProfileError:
+        return output.background
 
 
 def _encode(output: Output, pixels: np.ndarray, meta: Metadata) -> tuple[bytes, int]:

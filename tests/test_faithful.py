@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import io
 import re
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 import pillow_heif
 import pytest
-from PIL import Image, ImageCms
+from PIL import Image, ImageCms, PngImagePlugin
 
 from hotfolder import imaging, recipes
 from hotfolder.jobs import ImageError, Reason
@@ -260,3 +261,98 @@ def test_heic_and_avif_being_copied_look_incomplete(fmt: str) -> None:
         unfinished = imaging.looks_incomplete(data[:cut])
         assert unfinished is not None, cut
         assert unfinished.reason == Reason.CORRUPT
+
+
+def test_metadata_too_long_for_jpeg_is_left_out_of_the_jpeg_only() -> None:
+    """Photoshop's XMP (its document history) often passes the 64 KiB a JPEG segment holds:
+    the JPEG output is written without that packet, keeping the EXIF; a PNG keeps it all."""
+    ancestors = "".join(f"<rdf:li>xmp.did:{i:060d}</rdf:li>" for i in range(1200))
+    xmp = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
+           'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description '
+           'xmlns:photoshop="http://ns.adobe.com/photoshop/1.0/"><photoshop:DocumentAncestors>'
+           f"<rdf:Bag>{ancestors}</rdf:Bag></photoshop:DocumentAncestors></rdf:Description>"
+           "</rdf:RDF></x:xmpmeta>")  # fmt: skip
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", xmp)
+    data = saved(Image.fromarray(red_block()), "PNG", exif=exif(orientation=1), pnginfo=info)
+    picture = imaging.decode(data)
+    assert picture.meta.xmp is not None
+    assert len(picture.meta.xmp) > 65_536
+    for fmt in ("jpg", "png"):
+        kept = recipes.parse_output({"kind": "composite", "format": fmt, "metadata": True}, "o")
+        written = Image.open(io.BytesIO(recipes.render(kept, picture, opaque(picture))))
+        assert written.getexif()[0x8298] == "(c) Example Shop"
+        packet = written.info.get("xmp") or written.info.get("XML:com.adobe.xmp")
+        assert (packet is None) == (fmt == "jpg")
+
+
+def test_one_photos_xmp_cannot_spoil_the_next_ones() -> None:
+    """XMP prefixes are kept by name for every packet written after; a packet that binds its
+    own prefix to XML's reserved namespace (a parse error, dropped) must not make the next
+    photo's ``xml:lang`` come out as invalid XML."""
+    hostile = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/" '
+               b'xmlns:bad="http://www.w3.org/XML/1998/namespace"/>')  # fmt: skip
+    rights = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
+              b'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description '
+              b'xmlns:dc="http://purl.org/dc/elements/1.1/"><dc:rights><rdf:Alt>'
+              b'<rdf:li xml:lang="x-default">(c) Example Shop</rdf:li></rdf:Alt></dc:rights>'
+              b"</rdf:Description></rdf:RDF></x:xmpmeta>")  # fmt: skip
+    first = imaging.decode(saved(Image.fromarray(red_block()), "JPEG", xmp=hostile))
+    assert first.meta.xmp is None
+    picture = imaging.decode(saved(Image.fromarray(red_block()), "JPEG", xmp=rights))
+    kept = recipes.parse_output({"kind": "composite", "metadata": True}, "o")
+    written = Image.open(io.BytesIO(recipes.render(kept, picture, opaque(picture))))
+    packet = ET.fromstring(written.info["xmp"])
+    (item,) = packet.iter("{http://www.w3.org/1999/02/22-rdf-syntax-ns#}li")
+    assert item.get("{http://www.w3.org/XML/1998/namespace}lang") == "x-default"
+
+
+@pytest.mark.parametrize("space", ["Adobe RGB (1998)", "ProPhoto RGB"])
+def test_background_in_source_colours_is_the_colour_asked_for(space: str) -> None:
+    """A composite in the photo's own colours gets its background in those colours too: a
+    grey #808080 or a tan shows as that grey and tan in any colour-managed viewer."""
+    icc = profiles.rgb_profile(space)
+    picture = imaging.decode(saved(in_profile(red_block(), icc), "PNG", icc_profile=icc),
+                             keep_source=True)  # fmt: skip
+    nothing = np.zeros(picture.rgb.shape[:2], np.uint8)
+    for background, rgb in [("#808080", (128, 128, 128)), ("#c89664", (200, 150, 100))]:
+        keys = {"kind": "composite", "format": "png", "colours": "source", "background": background}
+        written = recipes.render(recipes.parse_output(keys, "o"), picture, nothing)
+        assert np.abs(littlecms_srgb(written)[0, 0].astype(int) - rgb).max() <= 2, background
+
+
+def test_a_linear_profile_named_srgb_is_converted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Graphics and raw tools tag linear-light pictures with profiles named like sRGB ("sRGB
+    linear", "sRGB-elle-V2-g10"): what a profile means is its colours, not its name."""
+    linear = ((0.64, 0.33), (0.30, 0.60), (0.15, 0.06), (0.3127, 0.3290), 1.0)  # sRGB's, gamma 1
+    monkeypatch.setitem(profiles.SPACES, "sRGB linear", linear)
+    icc = profiles.rgb_profile("sRGB linear")
+    data = saved(in_profile(red_block(), icc), "PNG", icc_profile=icc)
+    picture = imaging.decode(data)
+    assert np.abs(picture.rgb[CENTRE].astype(int) - RED).max() <= 2
+
+
+def test_converted_pixels_are_writable_like_every_decoded_picture() -> None:
+    """The model takes pixels as tensors without copying them; read-only ones (a view of
+    Pillow's buffer) make PyTorch warn of undefined behaviour in the daemon's log."""
+    icc = profiles.rgb_profile("Adobe RGB (1998)")
+    picture = imaging.decode(saved(in_profile(red_block(), icc), "PNG", icc_profile=icc))
+    assert picture.rgb.flags.writeable
+    cmyk = saved(Image.fromarray(red_block()).convert("CMYK"), "JPEG",
+                 icc_profile=profiles.cmyk_profile())  # fmt: skip
+    assert imaging.decode(cmyk).rgb.flags.writeable
+
+
+def test_heic_colours_signalled_without_a_profile_are_converted() -> None:
+    """HEIC from most phones but the iPhone says its colours with code points (nclx: Display
+    P3 primaries, sRGB's curve) instead of an ICC profile: they are converted all the same."""
+    icc = profiles.rgb_profile("Display P3")
+    stored = np.full((64, 64, 3), 0, np.uint8)
+    stored[:] = np.asarray(in_profile(red_block(), icc))[CENTRE]
+    buffer = io.BytesIO()
+    pillow_heif.from_pillow(Image.fromarray(stored)).save(
+        buffer, quality=95, color_primaries=12, transfer_characteristics=13,
+        matrix_coefficients=6, full_range_flag=1,
+    )  # fmt: skip
+    picture = imaging.decode(buffer.getvalue())
+    assert np.abs(picture.rgb[32, 32].astype(int) - RED).max() <= 4

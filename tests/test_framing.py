@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import sqlite3
+import tracemalloc
 from pathlib import Path
 
 import cv2
@@ -171,3 +172,41 @@ def test_a_journal_from_before_notes_gains_the_column(tmp_path: Path) -> None:
     with contextlib.closing(sqlite3.connect(path)) as db:
         (notes,) = db.execute("SELECT notes FROM jobs WHERE id = 'job1'").fetchone()
     assert json.loads(notes) == {"quality": {"{stem}.jpg": 71}}
+
+
+def test_a_picture_too_wide_for_jpeg_fails_alone(site: Site, photos: dict[str, np.ndarray]) -> None:
+    """JPEG holds at most 65 500 pixels a side: a panorama strip wider than that (well within
+    the pixel limit) goes to errors/ with the reason, and the daemon serves the next photo."""
+    site.write_config(inbox={"outputs": [{"kind": "composite"}]})
+    corpus.write(site.inbox, "strip.png", corpus.png(np.full((2, 66_000, 3), 200, np.uint8)))
+    corpus.write(site.inbox, "cup.jpg", corpus.jpeg(photos["coffee"]))
+    assert run_once(site.config, site.root / "log") == 1
+    assert site.files(site.done) == ["cup.jpg"]
+    report = json.loads((site.errors / "strip.png.error.json").read_text())
+    assert report["reason"] == "encode_failed"
+    assert "65500" in report["message"]
+
+
+def test_a_faint_haze_over_the_photo_is_not_enlarged_beyond_the_canvas() -> None:
+    """A small product on a 6 MP photo whose matte keeps a faint haze (alpha 1) everywhere is
+    enlarged 4× for the canvas: only the part that lands on the canvas is scaled, not the
+    whole photo (96 MP, over a gigabyte of intermediate pixels)."""
+    picture, alpha = scene((1450, 950, 100, 100), size=(3000, 2000))
+    alpha = np.maximum(alpha, 1)
+    tracemalloc.start()
+    try:
+        rgb, framed = framing.on_canvas(picture.rgb, alpha, (1000, 1000), 0.0, (255, 255, 255))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20
+    assert measured_box(framed) == pytest.approx((300, 300, 400, 400), abs=2)
+    assert rgb.shape == (1000, 1000, 3)
+
+
+def test_a_webp_canvas_must_fit_webp() -> None:
+    """WebP holds at most 16 383 pixels a side: a larger canvas is refused with the config,
+    not on every photo."""
+    with pytest.raises(recipes.RecipeError, match=r"canvas.*16383"):
+        output(format="webp", canvas=[20_000, 1000])
+    assert output(format="webp", canvas=[16_383, 1000]).canvas == (16_383, 1000)

@@ -323,3 +323,18 @@ def test_a_file_written_end_first_looks_incomplete(photo: np.ndarray) -> None:
         assert unfinished is not None, name
         assert unfinished.reason == Reason.CORRUPT
         assert "starts with zero bytes" in unfinished.message
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow's, as the daemon runs
+def test_a_tiff_whose_next_frame_is_damaged_is_refused_as_corrupt() -> None:
+    """Counting a TIFF's frames reads every frame's header; one pointing into pixel data (no
+    dimensions there) is a corrupt file, not an error that escapes decoding (and would stop
+    the daemon)."""
+    pixels = np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    data = bytearray(corpus.encoded(Image.fromarray(pixels), "TIFF"))
+    first = int.from_bytes(data[4:8], "little")
+    next_at = first + 2 + 12 * int.from_bytes(data[first : first + 2], "little")
+    data[next_at : next_at + 4] = (191).to_bytes(4, "little")  # into the pixel data
+    with pytest.raises(ImageError) as caught:
+        imaging.decode(bytes(data))
+    assert caught.value.reason == Reason.CORRUPT
