@@ -11,11 +11,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from hotfolder import recipes, scan
 from hotfolder.config import InboxConfig
 from hotfolder.watch import CHANGED, RESCAN, InboxWatcher
+
+from . import corpus
+from .daemon import Site, photo_jpegs, start, stop, wait_for
 
 FOLDER_SIZE = 100
 LIMIT = 100  # files tracked at most, far below the backlogs
@@ -221,3 +225,28 @@ def test_a_folder_whose_mtime_did_not_change_is_listed_again_after_a_while(
             break
     assert found == ["sub/hidden-by-cache.jpg"]
     assert now >= scan.RELIST_SECONDS
+
+
+def test_a_live_daemon_takes_a_backlog_and_what_arrives_meanwhile_once(
+    site: Site, photos: dict[str, np.ndarray]
+) -> None:
+    """The real daemon: files waiting in subfolders at start, then, while they are being
+    processed, files added to a folder already listed and to folders created meanwhile."""
+    site.write_config()
+    images = photo_jpegs(photos, 4)
+    waiting = [f"shoot-{f}/p{i}.jpg" for f in range(3) for i in range(4)]
+    for i, relative in enumerate(waiting):
+        corpus.write(site.inbox, relative, images[i % 4])
+    daemon = start(site.config, log=site.root / "log")
+    try:
+        wait_for(lambda: site.files(site.done), 180, "a first file of the backlog")
+        arriving = ["shoot-0/late.jpg", "new/deeper/n0.jpg", "new/deeper/n1.jpg", "top.jpg"]
+        for i, relative in enumerate(arriving):
+            corpus.write(site.inbox, relative, images[i % 4])
+        everything = sorted(waiting + arriving)
+        wait_for(lambda: site.files(site.done) == everything, 300, "every file in done/")
+    finally:
+        assert stop(daemon) == 0
+    rows = site.rows()
+    assert sorted(str(r["path"]) for r in rows) == everything  # one job each
+    assert all(r["outcome"] == "success" for r in rows)
