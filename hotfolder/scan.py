@@ -59,7 +59,8 @@ IGNORED_NAMES = (
 _IGNORED = re.compile("|".join(fnmatch.translate(pattern) for pattern in IGNORED_NAMES))
 
 # Entries (listed, offered, or folders looked at) one step may go through, so that a step stays
-# short whatever the tree: a pass over a large tree is spread over many steps.
+# short whatever the tree: a pass over a large tree is spread over many steps. (A folder is
+# listed whole, in one step, however many entries it has.)
 SCAN_BUDGET = 5_000
 MTIME_MARGIN_NS = 2_000_000_000  # FAT's 2 s, the coarsest mtime in common use
 RELIST_SECONDS = 60.0
