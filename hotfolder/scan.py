@@ -74,6 +74,7 @@ class Folder:
     listed_at: float  # on the step clock
     trusted: bool  # its mtime was older than the listing by MTIME_MARGIN_NS
     subfolders: tuple[str, ...]  # keys of the folders in it
+    files: int  # files in it (names not ignored, not folders)
     complete: bool = True  # False: to be listed again at the next pass
 
 
@@ -91,14 +92,23 @@ def parent(key: str) -> str:
 
 
 class TreeScan:
-    """Passes over one inbox's tree. ``step()`` goes on with the pass in progress, if any."""
+    """Passes over one inbox's tree. ``step()`` goes on with the pass in progress, if any.
 
-    def __init__(self, root: Path, recursive: bool, warn: Callable[[Path, str], None]) -> None:
+    Each pass also counts the files it finds (``found``; those of a folder not listed again are
+    its count when it was). With ``collect`` False a pass only counts: no file is offered, no
+    name kept, and it never pauses."""
+
+    def __init__(
+        self, root: Path, recursive: bool, warn: Callable[[Path, str], None], collect: bool = True
+    ) -> None:
         self.root = root
         self.recursive = recursive
         self.warn = warn
+        self.collect = collect
         self.folders: dict[str, Folder] = {}
         self.active = False  # a pass is in progress
+        self.found = 0  # files this pass found so far
+        self.last_found: int | None = None  # files the last pass found to the end
         self.stack: list[str] = []  # folders this pass still has to look at
         self.files: deque[str] = deque()  # files of the folder being read, not offered yet
         self.reading: tuple[str, Folder] | None = None  # that folder, and its record to be
@@ -108,6 +118,7 @@ class TreeScan:
         if not self.active:
             self.active = True
             self.stack = [""]
+            self.found = 0
 
     def forget(self) -> None:
         """List every folder again (the inbox folder was replaced)."""
@@ -139,6 +150,7 @@ class TreeScan:
                 budget -= self._visit(self.stack.pop(), now)
             else:
                 self.active = False
+                self.last_found = self.found
 
     def _visit(self, folder: str, now: float) -> int:
         """Look at one folder: list it if it may have changed. Returns the entries it cost."""
@@ -154,6 +166,7 @@ class TreeScan:
         known = self.folders.get(folder)
         if known is not None and self._unchanged(known, info, now):
             self.stack.extend(known.subfolders)
+            self.found += known.files
             return 1
         listed_at_ns = time.time_ns()
         try:
@@ -166,20 +179,24 @@ class TreeScan:
             self.warn(path, f"cannot list this folder ({exc.strerror})")
             return 1
         subfolders = []
+        files = 0
         for entry in entries:
             if is_ignored(entry.name):
                 continue
             if entry.is_dir(follow_symlinks=False):
                 if self.recursive:
                     subfolders.append(child(folder, entry.name))
-            else:
+                continue
+            files += 1
+            if self.collect:
                 self.files.append(child(folder, entry.name))
+        self.found += files
         if known is not None:
             for gone in set(known.subfolders).difference(subfolders):
                 self._drop(gone)
         self.stack.extend(subfolders)
         trusted = info.st_mtime_ns < listed_at_ns - MTIME_MARGIN_NS
-        self.reading = (folder, Folder(info.st_mtime_ns, now, trusted, tuple(subfolders)))
+        self.reading = (folder, Folder(info.st_mtime_ns, now, trusted, tuple(subfolders), files))
         return 1 + len(entries)
 
     @staticmethod

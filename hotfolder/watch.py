@@ -28,6 +28,13 @@ happened, never a look at every file waiting:
   them (hotfolder.scan: a pass pauses while there is no room, and folders whose mtime did not
   change are not listed again). Memory: about 0.3 KB a tracked file.
 
+Files waiting are counted all the same, tracked or not (the backlog gauges): every
+``scan_interval`` a count of the tree (a pass of hotfolder.scan that only counts, and lists only
+the folders whose mtime changed), plus the files events made known since, minus those handed
+out and taken since. Exact when nothing changes while a count is in progress; a file removed
+from the inbox by hand, or one that arrives while its folder is being counted, is off by one
+until the next count.
+
 Watchdog callbacks run on its one dispatcher thread and only enqueue; all work is in ``step()``.
 """
 
@@ -185,6 +192,14 @@ class InboxWatcher:
         self.close_watch: set[str] = set()
         self.tree = TreeScan(self.root, config.recursive, self._warn_once)
         self.rescan = False  # a folder appeared: a pass as soon as the one in progress ends
+        # Counting the files waiting, tracked or not: the last count of the tree, and what
+        # events made known and the service took since that count began.
+        self.census = TreeScan(self.root, config.recursive, self._warn_once, collect=False)
+        self.next_census = clock_start
+        self.census_began = 0.0  # wall-clock time
+        self.arrived = self.taken = 0
+        self.backlog_since: float | None = None  # wall-clock time the count first exceeded
+        # the tracked files, while it still does
         self.overflowed = False  # a file was left untracked for want of room: a pass once room
         # Put back for looking cut short; written by the decode threads, hence the lock.
         self.unfinished: dict[str, Unfinished] = {}
@@ -234,8 +249,20 @@ class InboxWatcher:
             return False
 
     def oldest_detected(self) -> float | None:
-        """Wall-clock detection time of the oldest file still waiting, if any."""
-        return min((p.detected_at for p in self.pending.values()), default=None)
+        """Wall-clock detection time of the oldest file still waiting, if any: a file not
+        tracked yet has waited since the first count that found more files than were tracked."""
+        oldest = min((p.detected_at for p in self.pending.values()), default=None)
+        if self.backlog_since is None or (oldest is not None and oldest < self.backlog_since):
+            return oldest
+        return self.backlog_since
+
+    def waiting_files(self) -> int:
+        """Files in the inbox not handed out and taken yet, tracked or not (see the module
+        docstring for how exact)."""
+        census = self.census
+        counted = census.found if census.last_found is None else census.last_found
+        tracked = len(self.pending) + len(self.handed_out)
+        return max(counted + self.arrived - self.taken, tracked)
 
     def restart_observer(self) -> None:
         """Watch the folder again once it is back; until then (a share away, the folder
@@ -255,6 +282,7 @@ class InboxWatcher:
             return
         self.warned.discard((self.root, "the inbox folder is gone; waiting for it to come back"))
         self.tree.forget()  # another folder may be there now: its mtimes say nothing
+        self.census.forget()
         self.hints.put((RESCAN, ""))
 
     def step(self, now: float) -> list[Ready]:
@@ -264,6 +292,7 @@ class InboxWatcher:
         if self.observe and not self.healthy():
             self.restart_observer()
         look: dict[str, None] = dict.fromkeys(self._take_hints(now))
+        self._count(now)
         tree = self.tree
         if not tree.active and self._scan_due(now):
             self.next_scan = now + self.scan_interval
@@ -278,6 +307,24 @@ class InboxWatcher:
                 look[key] = None
         look.update(dict.fromkeys(self.close_watch))
         return [ready for key in look if (ready := self._look(key, now)) is not None]
+
+    def _count(self, now: float) -> None:
+        """Go on with the count of the files waiting; a new one every ``scan_interval``."""
+        census = self.census
+        if not census.active and now >= self.next_census:
+            self.next_census = now + self.scan_interval
+            self.census_began, self.arrived, self.taken = time.time(), 0, 0
+            census.start()
+        if not census.active:
+            return
+        census.step(now, lambda key: True)
+        if census.active:
+            return
+        if census.found > len(self.pending) + len(self.handed_out):
+            if self.backlog_since is None:
+                self.backlog_since = self.census_began
+        else:
+            self.backlog_since = None
 
     def _scan_due(self, now: float) -> bool:
         room = len(self.pending) + len(self.handed_out) < self.limit
@@ -339,6 +386,8 @@ class InboxWatcher:
         if info is None or stat.S_ISDIR(info.st_mode):
             return True
         self.on_detected(by_scan)
+        if not by_scan:
+            self.arrived += 1
         seen = self.pending[key] = Pending(info.st_size, info.st_mtime_ns, now, time.time())
         self._schedule(key, seen, now + self.settle)
         return True
@@ -455,4 +504,5 @@ class InboxWatcher:
         """The service tried to claim a ready file: a new file of that name counts as new.
         The file may still be there (it could not be moved): its folder is listed again."""
         self.handed_out.discard(relative)
+        self.taken += 1
         self.tree.dirty(parent(relative))

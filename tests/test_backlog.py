@@ -6,6 +6,7 @@ watcher's cost is its ``stat``/``lstat``/``scandir`` calls; nothing is timed).""
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -225,6 +226,51 @@ def test_a_folder_whose_mtime_did_not_change_is_listed_again_after_a_while(
             break
     assert found == ["sub/hidden-by-cache.jpg"]
     assert now >= scan.RELIST_SECONDS
+
+
+def inbox_files(root: Path) -> int:
+    """Files in the inbox, as the backlog gauges mean them (hidden names and state apart)."""
+    return sum(
+        not scan.is_ignored(name)
+        for parent, folders, names in os.walk(root)
+        if not any(scan.is_ignored(part) for part in Path(parent).relative_to(root).parts)
+        for name in names
+    )
+
+
+def test_the_files_waiting_are_counted_tracked_or_not(tmp_path: Path) -> None:
+    """The backlog gauges: a backlog ten times the files tracked is counted whole; the count
+    follows the files taken at once, and files arriving (with an event or without, tracked or
+    not) by the next count at the latest; the oldest file's age is that of the backlog, not
+    that of the file tracked last."""
+    w = inbox(tmp_path)
+    backlog(w.root, 1000)
+    claimer = Claimer(w, tmp_path / "claimed")
+    claimer.step(0.0)
+    first_seen = time.time()
+    assert len(w.pending) == LIMIT
+    assert w.waiting_files() == 1000
+    arrived, unknown, counted_at = 0, 0, w.census_began
+    for steps, now in enumerate(clock(0.25), start=1):
+        if steps % 7 == 0:  # one an event reports, one no event reports
+            hinted = w.root / "f003" / f"hinted-{steps}.jpg"
+            hinted.write_bytes(b"y")
+            w.hints.put((CHANGED, str(hinted)))
+            (w.root / "f005" / f"quiet-{steps}.jpg").write_bytes(b"y")
+            arrived, unknown = arrived + 2, unknown + 2
+        claimer.step(now)
+        if w.census_began != counted_at:  # counted afresh in this step
+            unknown, counted_at = 0, w.census_began
+        waiting = inbox_files(w.root)
+        assert waiting - unknown <= w.waiting_files() <= waiting
+        if waiting > LIMIT:
+            oldest = w.oldest_detected()
+            assert oldest is not None
+            assert oldest <= first_seen
+        if not w.waiting():
+            break
+    assert len(claimer.taken) == 1000 + arrived
+    assert w.waiting_files() == 0
 
 
 def test_a_live_daemon_takes_a_backlog_and_what_arrives_meanwhile_once(
