@@ -76,6 +76,7 @@ RESCAN, CHANGED, OPENED, CLOSED = "rescan", "changed", "opened", "closed"
 # watchdog's inotify emitter reports IN_OPEN (for reading or writing alike), IN_CLOSE_WRITE and
 # IN_CLOSE_NOWRITE as these; every other event of a file is a change.
 EVENT_HINTS = {"opened": OPENED, "closed": CLOSED, "closed_no_write": CLOSED}
+OPEN_COUNT = {OPENED: 1, CLOSED: -1}  # what a hint does to a file's count of opens
 
 
 class _HarmlessWatchdogNoise(logging.Filter):
@@ -190,6 +191,10 @@ class InboxWatcher:
         # ...and at those something happens to: seen changing at their last look, or open in
         # a process (a writer that pauses, then writes again, is seen at once).
         self.close_watch: set[str] = set()
+        # Opens minus closes of files not tracked for want of room, so that a scan that tracks
+        # one later knows it is open. Files open at once are few; counts that stick (closes
+        # lost) go once ``limit`` files are counted, oldest first.
+        self.open_untracked: dict[str, int] = {}
         self.tree = TreeScan(self.root, config.recursive, self._warn_once)
         self.rescan = False  # a folder appeared: a pass as soon as the one in progress ends
         # Counting the files waiting, tracked or not: the last count of the tree, and what
@@ -349,6 +354,7 @@ class InboxWatcher:
             if not known and not self._offer(key, now, by_scan=False):
                 self.overflowed = True  # no room: a scan finds it later
                 self.tree.dirty(parent(key))
+                self._count_open_untracked(key, kind)
                 continue
             seen = self.pending.get(key)
             if seen is None:
@@ -356,11 +362,18 @@ class InboxWatcher:
             # Counted, not paired: events name no process, and inotify merges identical
             # events that follow each other. A count that sticks above zero ends at the grace
             # time.
-            seen.open = max(seen.open + {OPENED: 1, CLOSED: -1}.get(kind, 0), 0)
+            seen.open = max(seen.open + OPEN_COUNT.get(kind, 0), 0)
             if seen.open:
                 self.close_watch.add(key)
             if known:  # one just offered was looked at already
                 touched.append(key)
+
+    def _count_open_untracked(self, key: str, kind: str) -> None:
+        count = max(self.open_untracked.pop(key, 0) + OPEN_COUNT.get(kind, 0), 0)
+        if count:
+            self.open_untracked[key] = count
+            if len(self.open_untracked) > self.limit:
+                del self.open_untracked[next(iter(self.open_untracked))]
 
     def _key(self, path: str) -> str | None:
         """The key of a file path (POSIX, relative to the inbox), or None if it is not one to
@@ -389,6 +402,9 @@ class InboxWatcher:
         if not by_scan:
             self.arrived += 1
         seen = self.pending[key] = Pending(info.st_size, info.st_mtime_ns, now, time.time())
+        seen.open = self.open_untracked.pop(key, 0)
+        if seen.open:
+            self.close_watch.add(key)
         self._schedule(key, seen, now + self.settle)
         return True
 

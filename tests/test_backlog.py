@@ -17,7 +17,7 @@ import pytest
 
 from hotfolder import recipes, scan
 from hotfolder.config import InboxConfig
-from hotfolder.watch import CHANGED, RESCAN, InboxWatcher
+from hotfolder.watch import CHANGED, CLOSED, OPENED, RESCAN, InboxWatcher
 
 from . import corpus
 from .daemon import Site, photo_jpegs, start, stop, wait_for
@@ -226,6 +226,32 @@ def test_a_folder_whose_mtime_did_not_change_is_listed_again_after_a_while(
             break
     assert found == ["sub/hidden-by-cache.jpg"]
     assert now >= scan.RELIST_SECONDS
+
+
+def test_a_file_opened_while_there_was_no_room_is_held_until_closed(tmp_path: Path) -> None:
+    """A writer opens a file while every place is taken: once a scan tracks it, it is held
+    while open, as if it had been tracked from the start (a pause longer than settle_ms in a
+    slow copy must not get it taken half-written)."""
+    w = inbox(tmp_path)
+    backlog(w.root, LIMIT)
+    claimer = Claimer(w, tmp_path / "claimed")
+    claimer.step(0.0)
+    assert len(w.pending) == LIMIT
+    slow = w.root / "slow.jpg"
+    with slow.open("wb") as writer:
+        w.hints.put((OPENED, str(slow)))
+        writer.write(b"part")
+        writer.flush()
+        w.hints.put((CHANGED, str(slow)))
+        assert claimer.step(0.5) == 0  # no room: not tracked
+        assert claimer.step(1.0) == LIMIT  # room again: a scan tracks it
+        assert claimer.step(1.25) == 0
+        assert "slow.jpg" in w.pending
+        for now in (2.5, 5.0, 30.0):  # quiet, but still open
+            assert claimer.step(now) == 0
+    w.hints.put((CLOSED, str(slow)))
+    assert claimer.step(31.0) == 1
+    assert claimer.taken[-1] == "slow.jpg"
 
 
 def inbox_files(root: Path) -> int:
