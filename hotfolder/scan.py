@@ -7,9 +7,10 @@ watcher. The watcher refuses a file when its set of tracked files is full: the p
 on that file and goes on once there is room. So the first files are taken after one folder is
 listed, and memory holds the unread rest of one folder's listing, never the tree's.
 
-A folder whose mtime is what it was when it was last listed to the end is not listed again: a
-file created in, renamed into or removed from a folder changes its mtime (a file written in
-place does not, but the watcher already tracks it). mtime is trusted only within limits:
+A folder whose mtime (and inode) is what it was when it was last listed to the end is not listed
+again: a file created in, renamed into or removed from a folder changes its mtime (a file
+written in place does not, but the watcher already tracks it). mtime is trusted only within
+limits:
 
 - granularity: a file created just after a listing, in the same tick of the file system's clock
   (2 s on FAT, 1 s or coarser on some shares), leaves the mtime as it was. A folder whose mtime
@@ -71,6 +72,7 @@ class Folder:
     """What a folder looked like when it was last listed."""
 
     mtime_ns: int
+    inode: int  # another folder moved in under its name may have the same mtime
     listed_at: float  # on the step clock
     trusted: bool  # its mtime was older than the listing by MTIME_MARGIN_NS
     subfolders: tuple[str, ...]  # keys of the folders in it
@@ -196,7 +198,10 @@ class TreeScan:
                 self._drop(gone)
         self.stack.extend(subfolders)
         trusted = info.st_mtime_ns < listed_at_ns - MTIME_MARGIN_NS
-        self.reading = (folder, Folder(info.st_mtime_ns, now, trusted, tuple(subfolders), files))
+        self.reading = (
+            folder,
+            Folder(info.st_mtime_ns, info.st_ino, now, trusted, tuple(subfolders), files),
+        )
         return 1 + len(entries)
 
     @staticmethod
@@ -204,7 +209,7 @@ class TreeScan:
         return (
             known.complete
             and known.trusted
-            and known.mtime_ns == info.st_mtime_ns
+            and (known.mtime_ns, known.inode) == (info.st_mtime_ns, info.st_ino)
             and now - known.listed_at < RELIST_SECONDS
         )
 

@@ -299,6 +299,25 @@ def test_the_files_waiting_are_counted_tracked_or_not(tmp_path: Path) -> None:
     assert w.waiting_files() == 0
 
 
+def test_a_folder_replaced_by_one_with_the_same_mtime_is_listed_again(tmp_path: Path) -> None:
+    """A folder moved away and another one moved in under its name, with the same mtime (a
+    copy that keeps times, two folders swapped): its files are found at the next scan."""
+    w = inbox(tmp_path)
+    old = (1_000_000_000_000_000_000, 1_000_000_000_000_000_000)  # 2001: an mtime to trust
+    for name, photo in (("shoot", "a.jpg"), ("incoming", "b.jpg")):
+        (w.root / name).mkdir()
+        (w.root / name / photo).write_bytes(b"x")
+        os.utime(w.root / name, ns=old)
+    os.utime(w.root, ns=old)
+    assert [r.relative for r in w.step(0.0) + w.step(1.0)] == ["incoming/b.jpg", "shoot/a.jpg"]
+    (w.root / "incoming" / "c.jpg").write_bytes(b"x")
+    os.utime(w.root / "incoming", ns=old)
+    os.rename(w.root / "shoot", tmp_path / "away")
+    os.rename(w.root / "incoming", w.root / "shoot")
+    found = [r.relative for r in w.step(10.0) + w.step(11.0)]
+    assert sorted(found) == ["shoot/b.jpg", "shoot/c.jpg"]
+
+
 def test_a_live_daemon_takes_a_backlog_and_what_arrives_meanwhile_once(
     site: Site, photos: dict[str, np.ndarray]
 ) -> None:
