@@ -296,6 +296,11 @@ class InboxWatcher:
         at most ``SCAN_BUDGET`` entries of a scan; never one look at every file waiting."""
         if self.observe and not self.healthy():
             self.restart_observer()
+            if not self.healthy():
+                # The folder is away (moved aside, a share that dropped): every file would
+                # look gone and be forgotten, with the rest of a listing, until the next
+                # full listing. Nothing is looked at until it is back.
+                return []
         look: dict[str, None] = dict.fromkeys(self._take_hints(now))
         self._count(now)
         tree = self.tree

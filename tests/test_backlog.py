@@ -318,6 +318,36 @@ def test_a_folder_replaced_by_one_with_the_same_mtime_is_listed_again(tmp_path: 
     assert sorted(found) == ["shoot/b.jpg", "shoot/c.jpg"]
 
 
+def test_files_of_an_inbox_folder_away_for_a_while_are_not_forgotten(tmp_path: Path) -> None:
+    """The inbox folder goes away in the middle of a backlog (moved aside, a share that
+    dropped) and comes back as it was: nothing is looked at meanwhile, so neither the files
+    tracked nor the rest of the listing being read are taken for gone; each is handed out
+    once, without waiting for the next full listing."""
+    config = inbox(tmp_path).config
+    w = InboxWatcher(config, scan_interval=10.0, observe=True, limit=LIMIT)
+    w.start()
+    try:
+        keys = [f"p{i:03d}.jpg" for i in range(3 * LIMIT)]
+        for key in keys:
+            (w.root / key).write_bytes(b"x")
+        old = (1_000_000_000_000_000_000, 1_000_000_000_000_000_000)  # an mtime to trust
+        os.utime(w.root, ns=old)
+        claimer = Claimer(w, tmp_path / "claimed")
+        claimer.step(0.0)
+        assert len(w.pending) == LIMIT
+        os.rename(w.root, tmp_path / "aside")
+        for now in (1.0, 2.0, 3.0):
+            assert claimer.step(now) == 0
+        os.rename(tmp_path / "aside", w.root)
+        for now in clock(4.0):
+            claimer.step(now)
+            if not w.waiting() or now > scan.RELIST_SECONDS / 2:
+                break
+        assert sorted(claimer.taken) == keys
+    finally:
+        w.stop()
+
+
 def test_a_live_daemon_takes_a_backlog_and_what_arrives_meanwhile_once(
     site: Site, photos: dict[str, np.ndarray]
 ) -> None:
