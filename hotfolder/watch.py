@@ -18,19 +18,37 @@ A writer may also pause for longer than ``settle_ms``. Two more signals cover th
   ``incomplete_grace_ms`` before it is handed out once more (to be refused then); any change
   makes it an ordinary file again.
 
+A backlog of 100 000 files must not slow the daemon down, so a step's work is that of what
+happened, never a look at every file waiting:
+
+- a tracked file is looked at (``lstat``) when its settle or grace time is up (a heap of due
+  times), when a hint names it, and at every step while it is changing or open in a process;
+- at most ``limit`` files (``TRACKED_LIMIT``) are tracked, the ready ones not claimed yet
+  included; the rest stay in the inbox, untracked and costing nothing, until a scan reaches
+  them (hotfolder.scan: a pass pauses while there is no room, and folders whose mtime did not
+  change are not listed again). Memory: about 0.3 KB a tracked file.
+
+Files waiting are counted all the same, tracked or not (the backlog gauges): every
+``scan_interval`` a count of the tree (a pass of hotfolder.scan that only counts, and lists only
+the folders whose mtime changed), plus the files events made known since, minus those handed
+out and taken since. Exact when nothing changes while a count is in progress; a file removed
+from the inbox by hand, or one that arrives while its folder is being counted, is off by one
+until the next count.
+
 Watchdog callbacks run on its one dispatcher thread and only enqueue; all work is in ``step()``.
 """
 
 from __future__ import annotations
 
-import fnmatch
+import heapq
 import logging
+import math
 import os
 import queue
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,33 +64,19 @@ from watchdog.observers.polling import PollingObserver
 
 from hotfolder import names
 from hotfolder.config import InboxConfig
+from hotfolder.scan import TreeScan, is_ignored, parent
+
+__all__ = ["CHANGED", "CLOSED", "OPENED", "RESCAN", "InboxWatcher", "Ready", "is_ignored"]
 
 log = logging.getLogger(__name__)
 
-# Names that are never taken: hidden files, uploads in progress, editor and OS droppings.
-IGNORED_NAMES = (
-    ".*",
-    "*.part",
-    "*.partial",
-    "*.tmp",
-    "*.temp",
-    "*.crdownload",
-    "*.download",
-    "*.!sync",
-    "*.rclonetmp",
-    "*.filepart",
-    "~$*",
-    "*.swp",
-    "*~",
-    "thumbs.db",
-    "desktop.ini",
-)
 # Hints, as (kind, path): list the whole inbox now (a folder appeared or moved in); a file
 # changed or appeared; a file was opened; a file was closed (after writing or not).
 RESCAN, CHANGED, OPENED, CLOSED = "rescan", "changed", "opened", "closed"
 # watchdog's inotify emitter reports IN_OPEN (for reading or writing alike), IN_CLOSE_WRITE and
 # IN_CLOSE_NOWRITE as these; every other event of a file is a change.
 EVENT_HINTS = {"opened": OPENED, "closed": CLOSED, "closed_no_write": CLOSED}
+OPEN_COUNT = {OPENED: 1, CLOSED: -1}  # what a hint does to a file's count of opens
 
 
 class _HarmlessWatchdogNoise(logging.Filter):
@@ -105,12 +109,14 @@ def _quiet_harmless_watchdog_noise() -> None:
         logging.getLogger(name).addFilter(_NOISE)  # once: addFilter skips a filter it has
 
 
-def is_ignored(name: str) -> bool:
-    lowered = name.lower()
-    return any(fnmatch.fnmatchcase(lowered, pattern) for pattern in IGNORED_NAMES)
+# Files tracked at most (settling, or ready and not claimed yet), so that memory and the work of a
+# step stay bounded whatever the backlog; the rest wait in the inbox for a later scan. About
+# 0.3 KB each (bench/backlog.py --micro). Enough for thousands of files a second to settle at
+# once on a fast GPU.
+TRACKED_LIMIT = 10_000
 
 
-@dataclass
+@dataclass(slots=True)
 class Pending:
     """A file seen but not yet ready: what it looked like last, and since when."""
 
@@ -119,6 +125,7 @@ class Pending:
     unchanged_since: float  # on the step clock (monotonic)
     detected_at: float  # wall-clock time, for the journal and latency
     open: int = 0  # opens seen minus closes seen: a process may still be writing
+    due: float = math.inf  # when it is to be looked at next (step clock); inf: not scheduled
 
 
 @dataclass(frozen=True)
@@ -166,6 +173,7 @@ class InboxWatcher:
         on_detected: Callable[[bool], None] = lambda by_scan: None,
         on_restart: Callable[[], None] = lambda: None,
         clock_start: float = 0.0,
+        limit: int = TRACKED_LIMIT,
     ) -> None:
         self.config = config
         self.root = config.path
@@ -175,8 +183,29 @@ class InboxWatcher:
         self.observe = observe
         self.on_detected = on_detected
         self.on_restart = on_restart
+        self.limit = limit
         self.pending: dict[str, Pending] = {}
         self.handed_out: set[str] = set()  # ready, until the service says it tried to claim it
+        # (due, key) of the pending files: a step looks only at those whose time has come...
+        self.schedule: list[tuple[float, str]] = []
+        # ...and at those something happens to: seen changing at their last look, or open in
+        # a process (a writer that pauses, then writes again, is seen at once).
+        self.close_watch: set[str] = set()
+        # Opens minus closes of files not tracked for want of room, so that a scan that tracks
+        # one later knows it is open. Files open at once are few; counts that stick (closes
+        # lost) go once ``limit`` files are counted, oldest first.
+        self.open_untracked: dict[str, int] = {}
+        self.tree = TreeScan(self.root, config.recursive, self._warn_once)
+        self.rescan = False  # a folder appeared: a pass as soon as the one in progress ends
+        # Counting the files waiting, tracked or not: the last count of the tree, and what
+        # events made known and the service took since that count began.
+        self.census = TreeScan(self.root, config.recursive, self._warn_once, collect=False)
+        self.next_census = clock_start
+        self.census_began = 0.0  # wall-clock time
+        self.arrived = self.taken = 0
+        self.backlog_since: float | None = None  # wall-clock time the count first exceeded
+        # the tracked files, while it still does
+        self.overflowed = False  # a file was left untracked for want of room: a pass once room
         # Put back for looking cut short; written by the decode threads, hence the lock.
         self.unfinished: dict[str, Unfinished] = {}
         self.lock = threading.Lock()
@@ -225,8 +254,20 @@ class InboxWatcher:
             return False
 
     def oldest_detected(self) -> float | None:
-        """Wall-clock detection time of the oldest file still waiting, if any."""
-        return min((p.detected_at for p in self.pending.values()), default=None)
+        """Wall-clock detection time of the oldest file still waiting, if any: a file not
+        tracked yet has waited since the first count that found more files than were tracked."""
+        oldest = min((p.detected_at for p in self.pending.values()), default=None)
+        if self.backlog_since is None or (oldest is not None and oldest < self.backlog_since):
+            return oldest
+        return self.backlog_since
+
+    def waiting_files(self) -> int:
+        """Files in the inbox not handed out and taken yet, tracked or not (see the module
+        docstring for how exact)."""
+        census = self.census
+        counted = census.found if census.last_found is None else census.last_found
+        tracked = len(self.pending) + len(self.handed_out)
+        return max(counted + self.arrived - self.taken, tracked)
 
     def restart_observer(self) -> None:
         """Watch the folder again once it is back; until then (a share away, the folder
@@ -245,111 +286,195 @@ class InboxWatcher:
             self._warn_once(self.root, f"cannot watch the inbox folder ({exc.strerror})")
             return
         self.warned.discard((self.root, "the inbox folder is gone; waiting for it to come back"))
+        self.tree.forget()  # another folder may be there now: its mtimes say nothing
+        self.census.forget()
         self.hints.put((RESCAN, ""))
 
     def step(self, now: float) -> list[Ready]:
-        """Take hints, scan when due, and return the files that have settled."""
+        """Take hints, go on with the scan, and return the files that have settled. The work
+        is that of what happened: hints, files whose time has come or that are changing, and
+        at most ``SCAN_BUDGET`` entries of a scan; never one look at every file waiting."""
         if self.observe and not self.healthy():
             self.restart_observer()
-        rescan = now >= self.next_scan
+            if not self.healthy():
+                # The folder is away (moved aside, a share that dropped): every file would
+                # look gone and be forgotten, with the rest of a listing, until the next
+                # full listing. Nothing is looked at until it is back.
+                return []
+        look: dict[str, None] = dict.fromkeys(self._take_hints(now))
+        self._count(now)
+        tree = self.tree
+        if not tree.active and self._scan_due(now):
+            self.next_scan = now + self.scan_interval
+            self.rescan = self.overflowed = False
+            tree.start()
+        tree.step(now, lambda key: self._offer(key, now, by_scan=True))
+        while self.schedule and self.schedule[0][0] <= now:
+            due, key = heapq.heappop(self.schedule)
+            seen = self.pending.get(key)
+            if seen is not None and seen.due == due:
+                seen.due = math.inf
+                look[key] = None
+        look.update(dict.fromkeys(self.close_watch))
+        return [ready for key in look if (ready := self._look(key, now)) is not None]
+
+    def _count(self, now: float) -> None:
+        """Go on with the count of the files waiting; a new one every ``scan_interval``."""
+        census = self.census
+        if not census.active and now >= self.next_census:
+            self.next_census = now + self.scan_interval
+            self.census_began, self.arrived, self.taken = time.time(), 0, 0
+            census.start()
+        if not census.active:
+            return
+        census.step(now, lambda key: True)
+        if census.active:
+            return
+        if census.found > len(self.pending) + len(self.handed_out):
+            if self.backlog_since is None:
+                self.backlog_since = self.census_began
+        else:
+            self.backlog_since = None
+
+    def _scan_due(self, now: float) -> bool:
+        room = len(self.pending) + len(self.handed_out) < self.limit
+        return now >= self.next_scan or self.rescan or (self.overflowed and room)
+
+    def _take_hints(self, now: float) -> list[str]:
+        """Apply the hints that came since the last step; returns the tracked files they
+        concern, to be looked at now."""
+        touched: list[str] = []
         while True:
             try:
                 kind, path = self.hints.get_nowait()
             except queue.Empty:
-                break
+                return touched
             if kind == RESCAN:
-                rescan = True
-            else:
-                opens = {OPENED: 1, CLOSED: -1}.get(kind, 0)
-                self._note(path, now, by_scan=False, opens=opens)
-        if rescan:
-            self.next_scan = now + self.scan_interval
-            for path in self.scan():
-                self._note(path, now, by_scan=True)
-        return self._settled(now)
-
-    def scan(self) -> Iterator[str]:
-        """Every candidate file under the inbox (hidden and temporary names skipped)."""
-        stack = [self.root]
-        while stack:
-            folder = stack.pop()
-            try:
-                entries = list(os.scandir(folder))
-            except (FileNotFoundError, NotADirectoryError):
+                self.rescan = True
                 continue
-            except OSError as exc:  # no permission, a path past PATH_MAX: skip it, serve on
-                self._warn_once(folder, f"cannot list this folder ({exc.strerror})")
+            key = self._key(path)
+            if key is None:
                 continue
-            for entry in entries:
-                if is_ignored(entry.name):
-                    continue
-                if entry.is_dir(follow_symlinks=False):
-                    if self.config.recursive:
-                        stack.append(Path(entry.path))
-                else:
-                    yield entry.path
+            known = key in self.pending
+            if not known and not self._offer(key, now, by_scan=False):
+                self.overflowed = True  # no room: a scan finds it later
+                self.tree.dirty(parent(key))
+                self._count_open_untracked(key, kind)
+                continue
+            seen = self.pending.get(key)
+            if seen is None:
+                continue
+            # Counted, not paired: events name no process, and inotify merges identical
+            # events that follow each other. A count that sticks above zero ends at the grace
+            # time.
+            seen.open = max(seen.open + OPEN_COUNT.get(kind, 0), 0)
+            if seen.open:
+                self.close_watch.add(key)
+            if known:  # one just offered was looked at already
+                touched.append(key)
 
-    def _note(self, path: str, now: float, by_scan: bool, opens: int = 0) -> None:
-        """Start following a file; ``opens`` is +1 for an open seen, -1 for a close."""
+    def _count_open_untracked(self, key: str, kind: str) -> None:
+        count = max(self.open_untracked.pop(key, 0) + OPEN_COUNT.get(kind, 0), 0)
+        if count:
+            self.open_untracked[key] = count
+            if len(self.open_untracked) > self.limit:
+                del self.open_untracked[next(iter(self.open_untracked))]
+
+    def _key(self, path: str) -> str | None:
+        """The key of a file path (POSIX, relative to the inbox), or None if it is not one to
+        take: outside the inbox, hidden, temporary, or below a subfolder of a flat inbox."""
         try:
             relative = Path(path).relative_to(self.root)
         except ValueError:
-            return
+            return None
         parts = relative.parts
         if not parts or any(is_ignored(part) for part in parts):
-            return
+            return None
         if not self.config.recursive and len(parts) > 1:
-            return
-        key = relative.as_posix()
-        if key in self.handed_out:
-            return
+            return None
+        return relative.as_posix()
+
+    def _offer(self, key: str, now: float, by_scan: bool) -> bool:
+        """Start following a file, if there is room; False if there is none."""
+        if key in self.pending or key in self.handed_out:
+            return True
+        if len(self.pending) + len(self.handed_out) >= self.limit:
+            return False
+        info = self._lstat(str(self.root / key))
+        if info is None or stat.S_ISDIR(info.st_mode):
+            return True
+        self.on_detected(by_scan)
+        if not by_scan:
+            self.arrived += 1
+        seen = self.pending[key] = Pending(info.st_size, info.st_mtime_ns, now, time.time())
+        seen.open = self.open_untracked.pop(key, 0)
+        if seen.open:
+            self.close_watch.add(key)
+        self._schedule(key, seen, now + self.settle)
+        return True
+
+    def _schedule(self, key: str, seen: Pending, due: float) -> None:
+        if due != seen.due:
+            seen.due = due
+            heapq.heappush(self.schedule, (due, key))
+        if len(self.schedule) > 2 * len(self.pending) + 64:  # entries of times superseded
+            self.schedule = [(p.due, k) for k, p in self.pending.items() if p.due != math.inf]
+            heapq.heapify(self.schedule)
+
+    def _look(self, key: str, now: float) -> Ready | None:
+        """Look at one tracked file: ready, or scheduled for its next look."""
         seen = self.pending.get(key)
         if seen is None:
-            info = self._lstat(path)
-            if info is None or stat.S_ISDIR(info.st_mode):
-                return
-            self.on_detected(by_scan)
-            seen = self.pending[key] = Pending(info.st_size, info.st_mtime_ns, now, time.time())
-        # Counted, not paired: events name no process, and inotify merges identical events
-        # that follow each other. A count that sticks above zero ends at the grace time.
-        seen.open = max(seen.open + opens, 0)
-
-    def _settled(self, now: float) -> list[Ready]:
-        ready = []
-        for key, seen in list(self.pending.items()):
-            info = self._lstat(str(self.root / key))
-            if info is None:
-                del self.pending[key]
-                self._forget_unfinished(key)
-                continue
-            if (info.st_size, info.st_mtime_ns) != (seen.size, seen.mtime_ns):
-                seen.size, seen.mtime_ns, seen.unchanged_since = info.st_size, info.st_mtime_ns, now
-                continue
-            quiet = now - seen.unchanged_since
-            if quiet < self.settle or self._held(key, seen, quiet, now):
-                continue
+            self.close_watch.discard(key)
+            return None
+        info = self._lstat(str(self.root / key))
+        if info is None:
             del self.pending[key]
-            self.handed_out.add(key)
-            ready.append(Ready(key, seen.detected_at))
-        return ready
-
-    def _held(self, key: str, seen: Pending, quiet: float, now: float) -> bool:
-        """A settled file that may still be arriving: open in a process, or put back for
-        looking cut short; either until it has been unchanged for the grace time."""
-        if seen.open and quiet < self.grace:
-            return True
+            self.close_watch.discard(key)
+            self._forget_unfinished(key)
+            return None
+        if (info.st_size, info.st_mtime_ns) != (seen.size, seen.mtime_ns):
+            seen.size, seen.mtime_ns, seen.unchanged_since = info.st_size, info.st_mtime_ns, now
+            self.close_watch.add(key)
+            self._schedule(key, seen, now + self.settle)
+            return None
         if seen.open:
+            self.close_watch.add(key)
+        else:
+            self.close_watch.discard(key)
+        settled_at = seen.unchanged_since + self.settle
+        if now < settled_at:
+            self._schedule(key, seen, settled_at)
+            return None
+        held_until = self._held_until(key, seen, now)
+        if held_until is not None:
+            self._schedule(key, seen, held_until)
+            return None
+        del self.pending[key]
+        self.close_watch.discard(key)
+        self.handed_out.add(key)
+        return Ready(key, seen.detected_at)
+
+    def _held_until(self, key: str, seen: Pending, now: float) -> float | None:
+        """A settled file that may still be arriving: open in a process, or put back for
+        looking cut short; either until it has been unchanged for the grace time. Returns
+        when it is to be looked at again, or None if it is not held."""
+        if seen.open:
+            until = seen.unchanged_since + self.grace
+            if now < until:
+                return until
             log.warning("inbox %s: %s is still open in a process but unchanged for %.0f s; "
-                        "taking it", self.config.name, key, quiet)  # fmt: skip
+                        "taking it", self.config.name, key, now - seen.unchanged_since)  # fmt: skip
             seen.open = 0
         with self.lock:
             put_back = self.unfinished.get(key)
             if put_back is None:
-                return False
+                return None
             if (seen.size, seen.mtime_ns) != (put_back.size, put_back.mtime_ns):
                 del self.unfinished[key]  # written to since: an ordinary file again
-                return False
-            return now - put_back.since < self.grace
+                return None
+            until = put_back.since + self.grace
+            return until if now < until else None
 
     def still_arriving(self, relative: str, size: int, mtime_ns: int, now: float) -> bool:
         """A claimed file looks cut short (empty, truncated) and has not changed since the
@@ -369,11 +494,13 @@ class InboxWatcher:
             return False
 
     def waiting(self) -> bool:
-        """Files seen and not handed out yet, counting those put back for looking cut short
-        that no scan has found again yet."""
+        """Files seen and not handed out yet, a scan not finished, files left for want of
+        room, and files put back for looking cut short that no scan has found again yet."""
+        if self.pending or self.tree.active or self.rescan or self.overflowed:
+            return True
         with self.lock:
             put_back = list(self.unfinished)
-        return bool(self.pending) or any(self._lstat(str(self.root / k)) for k in put_back)
+        return any(self._lstat(str(self.root / k)) for k in put_back)
 
     def _forget_unfinished(self, key: str) -> None:
         with self.lock:
@@ -395,5 +522,8 @@ class InboxWatcher:
             log.warning("inbox %s: %s: %s", self.config.name, names.escape(str(path)), problem)
 
     def done(self, relative: str) -> None:
-        """The service tried to claim a ready file: a new file of that name counts as new."""
+        """The service tried to claim a ready file: a new file of that name counts as new.
+        The file may still be there (it could not be moved): its folder is listed again."""
         self.handed_out.discard(relative)
+        self.taken += 1
+        self.tree.dirty(parent(relative))

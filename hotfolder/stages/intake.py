@@ -180,21 +180,19 @@ class Intake:
             pipeline.metrics.gpu_memory.labels("reserved").set(torch.cuda.memory_reserved(gpu))
 
     def observe_backlog(self) -> None:
-        """Files seen but not claimed yet: settling in the watcher, or ready and waiting for
-        room in the pipeline."""
+        """Files in the inbox not claimed yet: not tracked yet, settling in the watcher, or
+        ready and waiting for room in the pipeline (the watcher counts them all)."""
         pipeline = self.pipeline
         now = time.time()
         active = pipeline.inboxes.active
-        waiting = {id(inbox): 0 for inbox in active}
         oldest = {id(inbox): inbox.watcher.oldest_detected() or now for inbox in active}
         for inbox, ready in self.ready:  # one pass: a backlog can be long
-            if id(inbox) in waiting:
-                waiting[id(inbox)] += 1
+            if id(inbox) in oldest:
                 oldest[id(inbox)] = min(oldest[id(inbox)], ready.detected_at)
         for inbox in active:
-            name, key = inbox.config.name, id(inbox)
-            pipeline.metrics.pending.labels(name).set(len(inbox.watcher.pending) + waiting[key])
-            pipeline.metrics.oldest_pending.labels(name).set(now - oldest[key])
+            name = inbox.config.name
+            pipeline.metrics.pending.labels(name).set(inbox.watcher.waiting_files())
+            pipeline.metrics.oldest_pending.labels(name).set(now - oldest[id(inbox)])
 
     # ----- pausing -----------------------------------------------------------------------
 
