@@ -156,7 +156,9 @@ def load_config(explicit: Path | None) -> config.Config:
     return config.load(path)
 
 
-def make_engine(cfg: config.Config, flip_average: bool | None = None) -> MattingEngine:
+def make_engine(
+    cfg: config.Config, flip_average: bool | None = None, warm_up: bool = True
+) -> MattingEngine:
     from hotfolder.engine import EngineError, MattingEngine
 
     model = cfg.model
@@ -172,7 +174,7 @@ def make_engine(cfg: config.Config, flip_average: bool | None = None) -> Matting
             cuda_graphs=model.cuda_graphs,
             compile_cache=model.compile_cache if model.compile else None,
         )
-        engine.setup()
+        engine.setup(warm_up)
     except EngineError as exc:
         raise UsageError(str(exc)) from None
     return engine
@@ -208,7 +210,7 @@ def run_matte(args: argparse.Namespace) -> int:
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from hotfolder import matte
+    from hotfolder import matte, oneshot
 
     cfg = load_config(args.config)
     background = recipes.parse_colour(args.background)
@@ -218,10 +220,14 @@ def run_matte(args: argparse.Namespace) -> int:
     )
     summary = matte.Summary()
     tasks = matte.plan(args.inputs, args.outdir, outputs, summary)
-    engine = make_engine(cfg)
+    # Nothing waits for the model to be warm: its first batch warms it.
+    engine = oneshot.choose(
+        cfg.journal.parent, cfg.model.name, lambda: make_engine(cfg, warm_up=False)
+    )
     bar = tqdm(total=len(tasks), unit="img", disable=not sys.stderr.isatty())
     with bar, logging_redirect_tqdm():
         matte.run(engine, tasks, cfg.batching.max_batch_size, cfg.limits, summary, bar.update)
+    engine.ready()  # a model that cannot load is an error even when no file needed it
     log.info("%d written to %s, %d skipped (not images), %d failed", summary.written,
              args.outdir, len(summary.skipped), len(summary.failed))  # fmt: skip
     return EXIT_FAILED if summary.failed else EXIT_OK

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -76,8 +77,30 @@ def resolve_precision(spec: str, device: torch.device) -> torch.dtype:
     return PRECISIONS[spec]
 
 
+class Turns:
+    """A lock taken in arrival order: threads sharing the model (the daemon's batches, clients
+    of its local socket) each wait at most one turn per caller ahead of them, never starve."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._next_ticket = 0
+        self._serving = 0
+
+    def __enter__(self) -> None:
+        with self._changed:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            self._changed.wait_for(lambda: self._serving == ticket)
+
+    def __exit__(self, *exc: object) -> None:
+        with self._changed:
+            self._serving += 1
+            self._changed.notify_all()
+
+
 class MattingEngine:
-    """One model resident on one device. Not thread-safe: one thread calls ``predict``."""
+    """One model resident on one device. ``predict`` may be called from several threads: they
+    take turns, in the order they called."""
 
     def __init__(
         self,
@@ -118,6 +141,7 @@ class MattingEngine:
         self._graphed: cudagraphs.GraphedModel | None = None
         self.on_split: Callable[[int], object] = lambda size: None  # a batch did not fit
         self._model: torch.nn.Module | None = None
+        self._turns = Turns()
         shape = (1, 3, 1, 1)
         self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(shape)
         self._std = torch.tensor(IMAGENET_STD, device=self.device).view(shape)
@@ -126,9 +150,10 @@ class MattingEngine:
     def precision(self) -> str:
         return next(name for name, dtype in PRECISIONS.items() if dtype == self.dtype)
 
-    def setup(self) -> None:
-        """Load the weights onto the device and run a warm-up batch, so the first real file
-        pays no start-up cost."""
+    def setup(self, warm_up: bool = True) -> None:
+        """Load the weights onto the device and, with ``warm_up``, run a warm-up batch, so the
+        first real file pays no start-up cost (a daemon's readiness waits for it; a one-shot
+        command has nobody waiting, and its first batch warms the model as well)."""
         started = time.perf_counter()
         try:
             model = models.load(self.arch, self.weights)
@@ -151,7 +176,8 @@ class MattingEngine:
             self._graphed = cudagraphs.GraphedModel(
                 self._model, self.graph_sizes, self.device, self.dtype
             )
-        self.predict([np.zeros((models.INPUT_SIZE, models.INPUT_SIZE, 3), np.uint8)])
+        if warm_up:
+            self.predict([np.zeros((models.INPUT_SIZE, models.INPUT_SIZE, 3), np.uint8)])
         self.warmup_seconds = time.perf_counter() - started
         log.info(
             "model %s loaded on %s (%s) in %.2f s, warm-up %.2f s%s%s",
@@ -169,16 +195,17 @@ class MattingEngine:
         on a GPU, side by side on the CPU's cores."""
         if self._model is None:
             raise EngineError("predict() before setup()")
-        return self._spread(self._predict_batch, images)
+        with self._turns:
+            return self._spread(self._predict_batch, images)
 
     def run_model(self, x: torch.Tensor) -> torch.Tensor:
         """The model alone over a preprocessed (N, 3, 320, 320) batch, spread over the device
         as ``predict`` spreads images: for benchmarks."""
         if self._model is None:
             raise EngineError("run_model() before setup()")
-        return torch.cat(
-            self._spread(self._infer_batch, list(torch.split(x, 1)) if self._pool else [x])
-        )
+        with self._turns:
+            parts = self._spread(self._infer_batch, list(torch.split(x, 1)) if self._pool else [x])
+        return torch.cat(parts)
 
     def _spread(self, work: Callable[[Sequence[T]], list[R]], items: Sequence[T]) -> list[R]:
         """``work`` over all ``items`` at once; on the CPU, over one item per core side by side,
