@@ -161,8 +161,10 @@ def _model(raw: Any, base: Path) -> ModelConfig:
     name = _get(section, "model.name", str, defaults.name)
     weights = section.get("weights", f"weights/{name}.safetensors")
     precision = _get(section, "model.precision", str, defaults.precision)
-    if precision not in ("auto", "fp32", "fp16", "bf16"):
-        raise ConfigError(f"model.precision: {precision!r} is not one of auto, fp32, fp16, bf16")
+    if precision not in ("auto", "fp32", "fp16", "bf16", "bf16-mixed"):
+        raise ConfigError(
+            f"model.precision: {precision!r} is not one of auto, fp32, fp16, bf16, bf16-mixed"
+        )
     return ModelConfig(
         name=name,
         weights=_path(weights, "model.weights", base),

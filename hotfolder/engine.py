@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hotfolder import cudagraphs, models
+from hotfolder import cpupaths, cudagraphs, models
 from hotfolder.resample import resize_lanczos
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,8 @@ R = TypeVar("R")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The CPU form that keeps fp32's mattes: bf16 but for the layers that draw the edges.
+MIXED = "bf16-mixed"
 # PyTorch's own choice (one per physical core, or OMP_NUM_THREADS), read before an engine on the
 # CPU sets the process to one thread per operation.
 DEFAULT_CPU_THREADS = torch.get_num_threads()
@@ -71,10 +73,22 @@ def resolve_precision(spec: str, device: torch.device) -> torch.dtype:
     if spec == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     if spec not in PRECISIONS:
-        raise EngineError(f"model.precision: {spec!r} is not one of auto, fp32, fp16, bf16")
+        raise EngineError(
+            f"model.precision: {spec!r} is not one of auto, fp32, fp16, bf16, {MIXED}"
+        )
     if spec == "fp16" and device.type == "cpu":
         raise EngineError("model.precision: fp16 needs a GPU; use fp32 or bf16 on the CPU")
     return PRECISIONS[spec]
+
+
+def is_mixed(spec: str, device: torch.device) -> bool:
+    """Whether the model runs as ``bf16-mixed`` (see :mod:`hotfolder.cpupaths`): when asked, and
+    by ``auto`` on a CPU that computes bf16 natively (elsewhere bf16 is emulated, and slower)."""
+    if spec == MIXED:
+        if device.type != "cpu":
+            raise EngineError(f"model.precision: {MIXED} is for the CPU; use fp16 on a GPU")
+        return True
+    return spec == "auto" and device.type == "cpu" and cpupaths.native_bf16() is not None
 
 
 class Turns:
@@ -117,7 +131,9 @@ class MattingEngine:
         self.arch = arch
         self.weights = weights
         self.device = resolve_device(device)
-        self.dtype = resolve_precision(precision, self.device)
+        self.mixed = is_mixed(precision, self.device)
+        # A mixed model takes and gives float32; its inside is its own business.
+        self.dtype = torch.float32 if self.mixed else resolve_precision(precision, self.device)
         self.flip_average = flip_average
         self.load_seconds = 0.0
         self.warmup_seconds = 0.0
@@ -148,6 +164,8 @@ class MattingEngine:
 
     @property
     def precision(self) -> str:
+        if self.mixed:
+            return MIXED
         return next(name for name, dtype in PRECISIONS.items() if dtype == self.dtype)
 
     def setup(self, warm_up: bool = True) -> None:
@@ -164,6 +182,8 @@ class MattingEngine:
         self._model = model.to(  # type: ignore[call-overload]
             self.device, self.dtype, memory_format=torch.channels_last
         )
+        if self.mixed:
+            self._model = cpupaths.bf16_except(self._model, cpupaths.KEEP_FP32)
         self.load_seconds = time.perf_counter() - started
         if self.device.type == "cpu":
             torch.set_num_threads(1)  # process-wide: parallelism comes from the pool instead
@@ -180,10 +200,11 @@ class MattingEngine:
             self.predict([np.zeros((models.INPUT_SIZE, models.INPUT_SIZE, 3), np.uint8)])
         self.warmup_seconds = time.perf_counter() - started
         log.info(
-            "model %s loaded on %s (%s) in %.2f s, warm-up %.2f s%s%s",
+            "model %s loaded on %s (%s%s) in %.2f s, warm-up %.2f s%s%s",
             self.arch,
             self.device,
             self.precision,
+            f"; {cpupaths.describe()}" if self.device.type == "cpu" else "",
             self.load_seconds,
             self.warmup_seconds,
             ", compiled" if self.compile_cache is not None else "",
