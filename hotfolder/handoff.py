@@ -7,8 +7,10 @@ sends only pictures; it gets mattes back, so a file never passes through the dae
 
 Protocol (all integers big-endian uint32)::
 
-    server, on connect:  b"HOTFOLDER1 " + JSON {"model", "precision", "max_pixels"} + b"\\n"
-    request:             b"MAT1", count, then per picture: height, width, RGB bytes (H×W×3)
+    server, on connect:  b"HOTFOLDER1 " + JSON + b"\\n", the JSON an object of the daemon's
+                         "model", "precision", "max_pixels" and "max_batch"
+    request:             b"MAT1", count, then per picture: height, width, RGB bytes (H×W×3);
+                         at most max_batch_size pictures and max_pixels pixels in all
     reply, per picture:  b"OK  ", H×W, alpha bytes (H×W)   or   b"ERR ", length, UTF-8 message
 
 A request that breaks the protocol or the limits gets one ``ERR`` and the connection is closed;
@@ -206,7 +208,12 @@ class Server:
             raise ProtocolError("not a hotfolder request")
         if not 0 < count <= self.max_batch:
             raise ProtocolError(f"{count} pictures in a request; at most {self.max_batch}")
-        pictures = [self._receive_picture(client) for _ in range(count)]
+        pictures: list[np.ndarray] = []
+        for _ in range(count):
+            # A request holds at most max_pixels in all: one client never makes the daemon
+            # hold more than one picture of the largest size it accepts.
+            room = self.max_pixels - sum(p.shape[0] * p.shape[1] for p in pictures)
+            pictures.append(self._receive_picture(client, room))
         try:
             alphas = self.predictor.predict(pictures)
         except Exception as exc:
@@ -218,10 +225,12 @@ class Server:
             client.sendall(OK + struct.pack("!I", alpha.size) + alpha.tobytes())
         return True
 
-    def _receive_picture(self, client: socket.socket) -> np.ndarray:
+    def _receive_picture(self, client: socket.socket, room: int) -> np.ndarray:
         height, width = struct.unpack("!II", receive(client, 8))
-        if not (height > 0 and width > 0 and height * width <= self.max_pixels):
-            raise ProtocolError(f"a {width}×{height} picture; at most {self.max_pixels} pixels")
+        if not (height > 0 and width > 0 and height * width <= room):
+            raise ProtocolError(
+                f"a {width}×{height} picture; at most {self.max_pixels} pixels in a request"
+            )
         data = receive(client, height * width * 3)
         return np.frombuffer(data, np.uint8).reshape(height, width, 3)
 
@@ -271,8 +280,27 @@ class Client:
     def predict(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Alpha mattes (H, W) uint8 for RGB pictures (H, W, 3) uint8. OSError or
         ProtocolError if the daemon fails or goes away."""
-        if not images:
-            return []
+        alphas: list[np.ndarray] = []
+        for group in self._requests(images):
+            alphas += self._request(group)
+        return alphas
+
+    def _requests(self, images: Sequence[np.ndarray]) -> list[list[np.ndarray]]:
+        """``images`` in groups the daemon accepts: at most ``max_pixels`` in all and
+        ``max_batch`` pictures."""
+        groups: list[list[np.ndarray]] = []
+        room = 0
+        most = int(str(self.hello.get("max_batch", 1)))
+        for image in images:
+            pixels = image.shape[0] * image.shape[1]
+            if not groups or pixels > room or len(groups[-1]) >= most:
+                groups.append([])
+                room = self.max_pixels
+            groups[-1].append(image)
+            room -= pixels
+        return groups
+
+    def _request(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         self.peer.sendall(REQUEST + struct.pack("!I", len(images)))
         for image in images:
             height, width = image.shape[:2]

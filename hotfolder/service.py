@@ -159,7 +159,7 @@ class Service:
             handoff.socket_path(cfg.journal.parent),
             self.engine,
             {"model": cfg.model.name, "precision": self.engine.precision,
-             "max_pixels": cfg.limits.max_pixels},
+             "max_pixels": cfg.limits.max_pixels, "max_batch": cfg.batching.max_batch_size},
             cfg.limits.max_pixels,
             cfg.batching.max_batch_size,
             inboxes[0].permissions if inboxes else publish.DEFAULT_PERMISSIONS,

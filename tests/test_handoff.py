@@ -102,31 +102,35 @@ def send_raw(path: Path, data: bytes) -> bytes:
 def test_bad_requests_never_stop_the_daemon_nor_its_inbox(
     site: Site, photos: dict[str, np.ndarray]
 ) -> None:
-    config = site.write_config()
+    config = site.write_config(limits={"max_pixels": 10_000})
     log = site.root / "log"
     daemon = start(config, log=log)
     try:
         wait_serving(log)
         wait_for(lambda: serving_socket(site), 60, "the local socket")
         path = socket_of(site)
+        first = struct.pack("!II", 80, 80) + bytes(80 * 80 * 3)
         bad = [
             b"GET / HTTP/1.1\r\n\r\n",
             handoff.REQUEST + struct.pack("!III", 1, 100_000, 100_000),  # over max_pixels
             handoff.REQUEST + struct.pack("!I", 0),
             handoff.REQUEST + struct.pack("!I", 1000),  # over max_batch_size
             handoff.REQUEST + struct.pack("!III", 1, 10, 10) + b"cut short",
+            handoff.REQUEST + struct.pack("!I", 2) + first + first,  # 12 800 pixels in all
             b"",
         ]
         for request in bad:
             send_raw(path, request)
-        wait_for(lambda: log.read_bytes().count(b"refused a request") == 5, 60, "refusals")
+        wait_for(lambda: log.read_bytes().count(b"refused a request") == 6, 60, "refusals")
         client = handoff.connect(path, lambda hello: True)
         assert client is not None
         picture = np.asarray(Image.fromarray(next(iter(photos.values()))).resize((64, 48)))
-        (alpha,) = client.predict([picture])
-        assert alpha.shape == (48, 64)
-        assert alpha.dtype == np.uint8
-        assert alpha.max() > 0
+        alphas = client.predict([picture] * 4)  # 12 288 pixels: the client sends two requests
+        assert len(alphas) == 4
+        for alpha in alphas:
+            assert alpha.shape == (48, 64)
+            assert alpha.dtype == np.uint8
+            assert alpha.max() > 0
         client.close()
         (site.inbox / "after.jpg").write_bytes(corpus.jpeg(picture))
         wait_for(lambda: (site.outbox / "after.png").exists(), 120, "the inbox file's cutout")
