@@ -78,6 +78,11 @@ def score(
     return evaluate.mask_scores(alphas, truths)
 
 
+def predict(engine: MattingEngine, pictures: list[np.ndarray]) -> list[np.ndarray]:
+    """In batches of 8: one batch of a whole dataset on one thread takes tens of GB."""
+    return [a for i in range(0, len(pictures), 8) for a in engine.predict(pictures[i : i + 8])]
+
+
 def quality(forms: dict[str, torch.nn.Module], datasets: list[Path]) -> dict[str, object]:
     engines = {name: engine_with(model) for name, model in forms.items()}
     report: dict[str, dict[str, object]] = {name: {} for name in forms}
@@ -86,10 +91,10 @@ def quality(forms: dict[str, torch.nn.Module], datasets: list[Path]) -> dict[str
         pairs = evaluate.read_pairs(dataset)
         pictures = [imaging.decode(p.image.read_bytes()).rgb for p in pairs]
         truths = [evaluate.read_truth(p.truth) for p in pairs]
-        reference = engines["fp32"].predict(pictures)
+        reference = predict(engines["fp32"], pictures)
         base = score(pairs, reference, truths)
         for name, engine in engines.items():
-            alphas = reference if name == "fp32" else engine.predict(pictures)
+            alphas = reference if name == "fp32" else predict(engine, pictures)
             deltas[name] += [
                 float(np.abs(a.astype(np.int16) - r).mean())
                 for a, r in zip(alphas, reference, strict=True)
