@@ -48,12 +48,12 @@ def test_bf16_mixed_runs_only_the_full_resolution_stages_in_bf16() -> None:
     assert len(kept) < len(seen)  # the rest ran in bf16
 
 
-def test_mixed_is_for_the_cpu_and_auto_takes_it_only_with_native_bf16() -> None:
+def test_mixed_is_for_the_cpu_and_only_when_asked() -> None:
     with pytest.raises(EngineError, match="for the CPU"):
         is_mixed(MIXED, torch.device("cuda"))
     assert is_mixed(MIXED, torch.device("cpu"))
     assert not is_mixed("fp32", torch.device("cpu"))
-    assert is_mixed("auto", torch.device("cpu")) == (cpupaths.native_bf16() is not None)
+    assert not is_mixed("auto", torch.device("cpu"))
 
 
 def test_cpu_flags_come_from_the_first_cpu(tmp_path: Path) -> None:
