@@ -210,7 +210,7 @@ def run_matte(args: argparse.Namespace) -> int:
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from hotfolder import matte, oneshot
+    from hotfolder import handoff, matte, oneshot
 
     cfg = load_config(args.config)
     background = recipes.parse_colour(args.background)
@@ -222,7 +222,9 @@ def run_matte(args: argparse.Namespace) -> int:
     tasks = matte.plan(args.inputs, args.outdir, outputs, summary)
     # Nothing waits for the model to be warm: its first batch warms it.
     engine = oneshot.choose(
-        cfg.journal.parent, cfg.model.name, lambda: make_engine(cfg, warm_up=False)
+        cfg.journal.parent,
+        handoff.model_identity(cfg.model),
+        lambda: make_engine(cfg, warm_up=False),
     )
     bar = tqdm(total=len(tasks), unit="img", disable=not sys.stderr.isatty())
     with bar, logging_redirect_tqdm():

@@ -8,7 +8,8 @@ sends only pictures; it gets mattes back, so a file never passes through the dae
 Protocol (all integers big-endian uint32)::
 
     server, on connect:  b"HOTFOLDER1 " + JSON + b"\\n", the JSON an object of the daemon's
-                         "model", "precision", "max_pixels" and "max_batch"
+                         "model" (see :func:`model_identity`), "precision", "max_pixels"
+                         and "max_batch"
     request:             b"MAT1", count, then per picture: height, width, RGB bytes (H×W×3);
                          at most max_batch_size pictures and max_pixels pixels in all
     reply, per picture:  b"OK  ", H×W, alpha bytes (H×W)   or   b"ERR ", length, UTF-8 message
@@ -31,11 +32,14 @@ import struct
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from hotfolder import publish
+
+if TYPE_CHECKING:
+    from hotfolder.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,27 @@ class ProtocolError(Exception):
 def socket_path(state: Path) -> Path:
     """The socket of the daemon whose state folder (the journal's folder) is ``state``."""
     return state / SOCKET_NAME
+
+
+def model_identity(model: ModelConfig) -> dict[str, object]:
+    """What decides a model's mattes, as a daemon announces it and ``hotfolder matte`` compares
+    it with its own config: the same name is not the same model. The weights file counts by
+    path, size and modification time (a file replaced since the daemon loaded it is another
+    model); device and precision count as configured, since the same settings resolve the same
+    way on the same host."""
+    weights = model.weights.resolve()
+    try:
+        found = weights.stat()
+        version: list[int] = [found.st_size, found.st_mtime_ns]
+    except OSError:
+        version = []
+    return {
+        "name": model.name,
+        "weights": [str(weights), *version],
+        "device": model.device,
+        "precision": model.precision,
+        "flip_average": model.flip_average,
+    }
 
 
 # ----- the daemon's side ----------------------------------------------------------------------

@@ -57,10 +57,11 @@ class DaemonOrOwn:
 
 
 def choose(
-    state: Path, model: str, make_own: Callable[[], handoff.Predictor]
+    state: Path, model: dict[str, object], make_own: Callable[[], handoff.Predictor]
 ) -> BackgroundModel | DaemonOrOwn:
-    """The daemon's model when a daemon with state folder ``state`` runs ``model`` and answers;
-    else this process's own, already loading when this returns."""
+    """The daemon's model when a daemon with state folder ``state`` answers and runs ``model``
+    (a :func:`handoff.model_identity`); else this process's own, already loading when this
+    returns."""
     path = handoff.socket_path(state)
     client = handoff.connect(path, lambda hello: hello.get("model") == model)
     if client is None:

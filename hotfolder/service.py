@@ -158,7 +158,7 @@ class Service:
         self.handoff = handoff.Server(
             handoff.socket_path(cfg.journal.parent),
             self.engine,
-            {"model": cfg.model.name, "precision": self.engine.precision,
+            {"model": handoff.model_identity(cfg.model), "precision": self.engine.precision,
              "max_pixels": cfg.limits.max_pixels, "max_batch": cfg.batching.max_batch_size},
             cfg.limits.max_pixels,
             cfg.batching.max_batch_size,

@@ -13,13 +13,14 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image
 
 from hotfolder import handoff
 from hotfolder.engine import Turns
 
 from . import corpus
-from .conftest import ROOT
+from .conftest import ROOT, WEIGHTS
 from .daemon import Site, kill, start, stop, wait_for, wait_serving
 
 USING_DAEMON = "using the model of the daemon"
@@ -82,6 +83,37 @@ def test_matte_uses_the_daemons_model_and_its_own_once_the_daemon_is_gone(
     for name, mask in ours.items():  # the same model; only thread counts differ
         difference = np.abs(mask.astype(np.int16) - theirs[name])
         assert difference.max() <= 2, name
+
+
+def test_matte_asking_for_other_mattes_than_the_daemons_uses_its_own_model(
+    site: Site, photos: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    config = site.write_config(model={"weights": str(WEIGHTS), "device": "cpu"})
+    inputs = photo_files(tmp_path / "photos", photos)[:1]
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(WEIGHTS.read_bytes())
+    asks = {  # each changes the mattes: the same model name is not the same model
+        "precision": {"precision": "bf16-mixed"},
+        "flip": {"flip_average": True},
+        "weights": {"weights": str(copy)},
+    }
+    log = site.root / "log"
+    daemon = start(config, log=log)
+    try:
+        wait_serving(log)
+        wait_for(lambda: serving_socket(site), 60, "the local socket")
+        for name, change in asks.items():
+            settings = yaml.safe_load(config.read_text())
+            settings["model"].update(change)
+            other = tmp_path / f"{name}.yaml"
+            other.write_text(yaml.safe_dump(settings))
+            result = matte(other, *inputs, outdir=tmp_path / name)
+            assert result.returncode == 0, result.stderr
+            assert USING_DAEMON not in result.stderr, name
+        same = matte(config, *inputs, outdir=tmp_path / "same")
+        assert USING_DAEMON in same.stderr
+    finally:
+        assert stop(daemon) == 0
 
 
 def send_raw(path: Path, data: bytes) -> bytes:
