@@ -265,7 +265,7 @@ def send_error(client: socket.socket, message: str) -> None:
     client.sendall(ERR + struct.pack("!I", len(data)) + data)
 
 
-def receive(peer: socket.socket, size: int) -> bytes:
+def receive(peer: socket.socket, size: int) -> bytearray:
     """Exactly ``size`` bytes; ProtocolError if the stream ends first."""
     data = receive_or_end(peer, size)
     if data is None:
@@ -273,9 +273,10 @@ def receive(peer: socket.socket, size: int) -> bytes:
     return data
 
 
-def receive_or_end(peer: socket.socket, size: int) -> bytes | None:
+def receive_or_end(peer: socket.socket, size: int) -> bytearray | None:
     """Exactly ``size`` bytes, or None at a clean end of stream before the first byte; an end
-    of stream after it is a ProtocolError."""
+    of stream after it is a ProtocolError. Writable, so that arrays over it are (PyTorch warns
+    of read-only ones), and not copied: a picture may be hundreds of megabytes."""
     buffer = bytearray(size)
     view, got = memoryview(buffer), 0
     while got < size:
@@ -285,7 +286,7 @@ def receive_or_end(peer: socket.socket, size: int) -> bytes | None:
                 return None
             raise ProtocolError("connection closed mid-message")
         got += n
-    return bytes(buffer)
+    return buffer
 
 
 # ----- hotfolder matte's side -----------------------------------------------------------------

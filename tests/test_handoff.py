@@ -164,6 +164,7 @@ def test_bad_requests_never_stop_the_daemon_nor_its_inbox(
             assert alpha.dtype == np.uint8
             assert alpha.max() > 0
         client.close()
+        assert b"not writable" not in log.read_bytes()  # PyTorch warns of read-only pictures
         (site.inbox / "after.jpg").write_bytes(corpus.jpeg(picture))
         wait_for(lambda: (site.outbox / "after.png").exists(), 120, "the inbox file's cutout")
         assert daemon.poll() is None
