@@ -11,7 +11,9 @@ Protocol (all integers big-endian uint32)::
                          "model" (see :func:`model_identity`), "precision", "max_pixels"
                          and "max_batch"
     request:             b"MAT1", count, then per picture: height, width, RGB bytes (H×W×3);
-                         at most max_batch_size pictures and max_pixels pixels in all
+                         at most max_batch pictures and max_pixels pixels in all, as the
+                         greeting said (a reload of the config changes them for new
+                         connections)
     reply, per picture:  b"OK  ", H×W, alpha bytes (H×W)   or   b"ERR ", length, UTF-8 message
 
 A request that breaks the protocol or the limits gets one ``ERR`` and the connection is closed;
@@ -31,6 +33,7 @@ import stat
 import struct
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -91,6 +94,14 @@ def model_identity(model: ModelConfig) -> dict[str, object]:
 # ----- the daemon's side ----------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one request may hold: pictures, and pixels in all."""
+
+    max_pixels: int
+    max_batch: int
+
+
 class Server:
     """Serves ``predictor`` on a Unix socket from a thread of its own, one thread per client.
     ``predictor.predict`` must be safe to call from several threads (the engine's is: callers
@@ -101,15 +112,13 @@ class Server:
         path: Path,
         predictor: Predictor,
         hello: dict[str, object],
-        max_pixels: int,
-        max_batch: int,
+        limits: Callable[[], Limits],
         permissions: publish.Permissions = publish.DEFAULT_PERMISSIONS,
     ) -> None:
         self.path = path
         self.predictor = predictor
-        self.greeting = GREETING + json.dumps(hello).encode() + b"\n"
-        self.max_pixels = max_pixels
-        self.max_batch = max_batch
+        self.hello = hello
+        self.limits = limits
         self.permissions = permissions
         self._listener: socket.socket | None = None
         self._inode: int | None = None
@@ -206,10 +215,14 @@ class Server:
                              daemon=True).start()  # fmt: skip
 
     def _serve(self, client: socket.socket) -> None:
+        # The limits of the config running when the client connected (a reload changes them),
+        # for the whole connection: the client splits its batches by those it was told.
+        limits = self.limits()
+        hello = {**self.hello, "max_pixels": limits.max_pixels, "max_batch": limits.max_batch}
         try:
             client.settimeout(IDLE_TIMEOUT)
-            client.sendall(self.greeting)
-            while not self._closing.is_set() and self._serve_request(client):
+            client.sendall(GREETING + json.dumps(hello).encode() + b"\n")
+            while not self._closing.is_set() and self._serve_request(client, limits):
                 pass
         except ProtocolError as exc:
             log.warning("local socket: refused a request: %s", exc)
@@ -223,7 +236,7 @@ class Server:
             client.close()
             self._slots.release()
 
-    def _serve_request(self, client: socket.socket) -> bool:
+    def _serve_request(self, client: socket.socket, limits: Limits) -> bool:
         """One request and its replies; False when the client closed the connection."""
         head = receive_or_end(client, 8)
         if head is None:
@@ -231,14 +244,14 @@ class Server:
         magic, count = head[:4], struct.unpack("!I", head[4:])[0]
         if magic != REQUEST:
             raise ProtocolError("not a hotfolder request")
-        if not 0 < count <= self.max_batch:
-            raise ProtocolError(f"{count} pictures in a request; at most {self.max_batch}")
+        if not 0 < count <= limits.max_batch:
+            raise ProtocolError(f"{count} pictures in a request; at most {limits.max_batch}")
         pictures: list[np.ndarray] = []
         for _ in range(count):
             # A request holds at most max_pixels in all: one client never makes the daemon
             # hold more than one picture of the largest size it accepts.
-            room = self.max_pixels - sum(p.shape[0] * p.shape[1] for p in pictures)
-            pictures.append(self._receive_picture(client, room))
+            room = limits.max_pixels - sum(p.shape[0] * p.shape[1] for p in pictures)
+            pictures.append(receive_picture(client, room, limits.max_pixels))
         try:
             alphas = self.predictor.predict(pictures)
         except Exception as exc:
@@ -250,14 +263,14 @@ class Server:
             client.sendall(OK + struct.pack("!I", alpha.size) + alpha.tobytes())
         return True
 
-    def _receive_picture(self, client: socket.socket, room: int) -> np.ndarray:
-        height, width = struct.unpack("!II", receive(client, 8))
-        if not (height > 0 and width > 0 and height * width <= room):
-            raise ProtocolError(
-                f"a {width}×{height} picture; at most {self.max_pixels} pixels in a request"
-            )
-        data = receive(client, height * width * 3)
-        return np.frombuffer(data, np.uint8).reshape(height, width, 3)
+
+def receive_picture(client: socket.socket, room: int, max_pixels: int) -> np.ndarray:
+    """One RGB picture (H, W, 3) uint8 of at most ``room`` pixels; ProtocolError otherwise."""
+    height, width = struct.unpack("!II", receive(client, 8))
+    if not (height > 0 and width > 0 and height * width <= room):
+        raise ProtocolError(f"a {width}×{height} picture; at most {max_pixels} pixels in a request")
+    data = receive(client, height * width * 3)
+    return np.frombuffer(data, np.uint8).reshape(height, width, 3)
 
 
 def send_error(client: socket.socket, message: str) -> None:

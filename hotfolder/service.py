@@ -158,12 +158,13 @@ class Service:
         self.handoff = handoff.Server(
             handoff.socket_path(cfg.journal.parent),
             self.engine,
-            {"model": handoff.model_identity(cfg.model), "precision": self.engine.precision,
-             "max_pixels": cfg.limits.max_pixels, "max_batch": cfg.batching.max_batch_size},
-            cfg.limits.max_pixels,
-            cfg.batching.max_batch_size,
+            {"model": handoff.model_identity(cfg.model), "precision": self.engine.precision},
+            # A reload replaces the config: new connections get its limits.
+            lambda: handoff.Limits(
+                self.config.limits.max_pixels, self.config.batching.max_batch_size
+            ),
             inboxes[0].permissions if inboxes else publish.DEFAULT_PERMISSIONS,
-        )  # fmt: skip
+        )
         if not self.handoff.start():
             self.handoff = None
 

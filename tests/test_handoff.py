@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import stat
 import struct
@@ -168,6 +169,29 @@ def test_bad_requests_never_stop_the_daemon_nor_its_inbox(
         (site.inbox / "after.jpg").write_bytes(corpus.jpeg(picture))
         wait_for(lambda: (site.outbox / "after.png").exists(), 120, "the inbox file's cutout")
         assert daemon.poll() is None
+    finally:
+        assert stop(daemon) == 0
+
+
+def test_a_reloaded_config_sets_the_sockets_limits(site: Site) -> None:
+    config = site.write_config(limits={"max_pixels": 4_000_000})
+    log = site.root / "log"
+    daemon = start(config, log=log)
+    try:
+        wait_serving(log)
+        wait_for(lambda: serving_socket(site), 60, "the local socket")
+        site.write_config(limits={"max_pixels": 10_000}, batching={"max_batch_size": 2})
+        daemon.send_signal(signal.SIGHUP)
+        wait_for(lambda: b"config reloaded" in log.read_bytes(), 60, "the reload")
+        client = handoff.connect(socket_of(site), lambda hello: True)
+        assert client is not None
+        assert (client.hello["max_pixels"], client.hello["max_batch"]) == (10_000, 2)
+        client.close()
+        picture = struct.pack("!II", 80, 80) + bytes(80 * 80 * 3)
+        reply = send_raw(socket_of(site), handoff.REQUEST + struct.pack("!I", 2) + picture * 2)
+        assert reply.split(b"\n", 1)[1].startswith(handoff.ERR)  # 12 800 pixels in all
+        reply = send_raw(socket_of(site), handoff.REQUEST + struct.pack("!I", 3))
+        assert reply.split(b"\n", 1)[1].startswith(handoff.ERR)  # 3 pictures
     finally:
         assert stop(daemon) == 0
 
