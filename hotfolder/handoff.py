@@ -361,11 +361,21 @@ class Client:
         self.peer.close()
 
 
+def trusted(path: Path) -> bool:
+    """Whether the socket at ``path`` is this user's, root's or its folder owner's (the
+    daemon's). In a folder others may write, anyone could have left a socket there that
+    greets like a daemon, to receive the pictures and send back mattes of its own."""
+    owner = os.lstat(path).st_uid
+    return owner in (os.geteuid(), 0, os.stat(path.parent).st_uid)
+
+
 def connect(path: Path, accept: Callable[[dict[str, object]], bool]) -> Client | None:
-    """A connection to the daemon serving ``path``, if one answers and ``accept``s its greeting
-    (its model, precision and pixel limit); None otherwise."""
+    """A connection to the daemon serving ``path``, if it is :func:`trusted`, answers and
+    ``accept``s its greeting (its model, precision and pixel limit); None otherwise."""
     peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        if not trusted(path):
+            raise ProtocolError("a stranger's socket")
         peer.settimeout(CONNECT_TIMEOUT)
         peer.connect(str(path))
         greeting = peer.makefile("rb").readline(64 * 1024)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -18,6 +19,7 @@ import yaml
 from PIL import Image
 
 from hotfolder import handoff
+from hotfolder.config import load as load_config
 from hotfolder.engine import Turns
 
 from . import corpus
@@ -241,3 +243,36 @@ def test_callers_of_the_model_take_turns_in_arrival_order() -> None:
     for thread in threads:
         thread.join(60)
     assert order == ["holder", "first", "second"]
+
+
+def test_matte_ignores_a_socket_planted_by_another_user(
+    site: Site, photos: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    """A state folder others may write (/tmp, say) may hold a socket of theirs: its greeting
+    may be a daemon's, but the pictures would go to them and the mattes come from them."""
+    config = site.write_config()
+    site.root.chmod(0o1777)
+    path = socket_of(site)
+    hello = {"model": handoff.model_identity(load_config(config).model), "precision": "fp32"}
+    limits = {"max_pixels": 10**8, "max_batch": 8}
+    greeting = handoff.GREETING + json.dumps({**hello, **limits}).encode() + b"\n"
+    planted = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    planted.bind(str(path))
+    os.chown(path, 65534, 65534)  # nobody's
+    planted.listen(4)
+
+    def answer() -> None:
+        with contextlib.suppress(OSError):
+            peer, _ = planted.accept()
+            with peer:
+                peer.sendall(greeting)
+                peer.recv(1)
+
+    threading.Thread(target=answer, daemon=True).start()
+    inputs = photo_files(tmp_path / "photos", photos)[:1]
+    try:
+        result = matte(config, *inputs, outdir=tmp_path / "out")
+    finally:
+        planted.close()
+    assert result.returncode == 0, result.stderr
+    assert USING_DAEMON not in result.stderr
