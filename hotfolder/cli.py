@@ -210,7 +210,9 @@ def check_weights(cfg: config.Config) -> None:
     )
 
 
-def make_engine(cfg: config.Config, flip_average: bool | None = None) -> MattingEngine:
+def make_engine(
+    cfg: config.Config, flip_average: bool | None = None, warm_up: bool = True
+) -> MattingEngine:
     from hotfolder.engine import EngineError, MattingEngine
 
     check_weights(cfg)
@@ -227,7 +229,7 @@ def make_engine(cfg: config.Config, flip_average: bool | None = None) -> Matting
             cuda_graphs=model.cuda_graphs,
             compile_cache=model.compile_cache if model.compile else None,
         )
-        engine.setup()
+        engine.setup(warm_up)
     except EngineError as exc:
         raise UsageError(str(exc)) from None
     return engine
@@ -264,7 +266,7 @@ def run_history(args: argparse.Namespace) -> int:
 
 
 def run_matte(args: argparse.Namespace) -> int:
-    from hotfolder import matte
+    from hotfolder import handoff, matte, oneshot
 
     cfg = load_config(args.config, args.model)
     background = recipes.parse_colour(args.background)
@@ -293,12 +295,19 @@ def run_matte(args: argparse.Namespace) -> int:
     tasks = matte.drop_missing(tasks, summary)  # named files that do not exist: said now
     if tasks:
         check_weights(cfg)
-        engine = make_engine(cfg)
+        # A running daemon's warm model when it runs the same one; else our own, loading while
+        # the first files decode. Nothing waits for it to be warm: its first batch warms it.
+        engine = oneshot.choose(
+            cfg.journal.parent,
+            handoff.model_identity(cfg.model),
+            lambda: make_engine(cfg, warm_up=False),
+        )
         progress = Progress(len(tasks), choose_mode(args.quiet, args.log_format), label="matte")
         with showing(progress):
             matte.run(
                 engine, tasks, cfg.batching.max_batch_size, cfg.limits, summary, progress.advance
             )
+        engine.ready()  # a model that cannot load is an error even when every file failed
     log.info("%d written to %s, %d skipped (not images), %d failed", summary.written,
              where, len(summary.skipped), len(summary.failed))  # fmt: skip
     return EXIT_FAILED if summary.failed else EXIT_OK

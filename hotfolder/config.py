@@ -169,8 +169,10 @@ def _model(raw: Any, base: Path) -> ModelConfig:
         raise ConfigError(f"model.name: {name!r} is not one of {', '.join(MODELS)}")
     weights = section.get("weights", str(default_weights(name)))
     precision = _get(section, "model.precision", str, defaults.precision)
-    if precision not in ("auto", "fp32", "fp16", "bf16"):
-        raise ConfigError(f"model.precision: {precision!r} is not one of auto, fp32, fp16, bf16")
+    if precision not in ("auto", "fp32", "fp16", "bf16", "bf16-mixed"):
+        raise ConfigError(
+            f"model.precision: {precision!r} is not one of auto, fp32, fp16, bf16, bf16-mixed"
+        )
     return ModelConfig(
         name=name,
         weights=_path(weights, "model.weights", base),

@@ -17,7 +17,7 @@ import numpy as np
 
 from hotfolder import imaging, names, naming, recipes
 from hotfolder.config import LimitsConfig
-from hotfolder.engine import MattingEngine
+from hotfolder.handoff import Predictor
 from hotfolder.jobs import ImageError, Reason
 from hotfolder.publish import write_atomic
 
@@ -129,7 +129,7 @@ def batches(tasks: list[Task], size: int) -> Iterator[list[Task]]:
 
 
 def run(
-    engine: MattingEngine,
+    engine: Predictor,
     tasks: list[Task],
     batch_size: int,
     limits: LimitsConfig,

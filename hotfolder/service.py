@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from hotfolder import __version__, names
+from hotfolder import __version__, handoff, names, publish
 from hotfolder.collect import STOP
 from hotfolder.config import Config, InboxConfig
 from hotfolder.engine import MattingEngine
@@ -82,6 +82,7 @@ class Service:
         self.threads: list[threading.Thread] = []
         self.last_step: dict[str, float] = {}
         self.server: MetricsServer | None = None
+        self.handoff: handoff.Server | None = None
 
     @property
     def config(self) -> Config:
@@ -126,6 +127,7 @@ class Service:
             log.exception("stopping: the model failed while retrying a file alone")
             self.fatal = exc
         if self.fatal is None:
+            self._serve_local_socket()
             self._start_threads()
             self.notifier.notify("READY=1")
             log.info("hotfolder %s serving %d inbox(es)", __version__, len(self.inboxes.active))
@@ -133,6 +135,8 @@ class Service:
         self.notifier.notify("STOPPING=1")
         self.metrics.ready.set(0)
         drained = self._drain()
+        if self.handoff is not None:
+            self.handoff.close()
         self.pipeline.journal.close()
         if self.server is not None:
             self.server.stop()
@@ -154,6 +158,26 @@ class Service:
         self.metrics.model_load.set(self.engine.load_seconds)
         self.metrics.model_warmup.set(self.engine.warmup_seconds)
         self.engine.on_split = lambda size: self.metrics.oom_splits.inc()
+
+    def _serve_local_socket(self) -> None:
+        """The warm model for ``hotfolder matte`` on this host (a daemon started with --once
+        ends too soon to be worth it)."""
+        if self.once:
+            return
+        cfg = self.config
+        inboxes = cfg.inboxes
+        self.handoff = handoff.Server(
+            handoff.socket_path(cfg.journal.parent),
+            self.engine,
+            {"model": handoff.model_identity(cfg.model), "precision": self.engine.precision},
+            # A reload replaces the config: new connections get its limits.
+            lambda: handoff.Limits(
+                self.config.limits.max_pixels, self.config.batching.max_batch_size
+            ),
+            inboxes[0].permissions if inboxes else publish.DEFAULT_PERMISSIONS,
+        )
+        if not self.handoff.start():
+            self.handoff = None
 
     def _bind_metrics_server(self) -> None:
         """Raises ConfigError when the metrics address cannot be bound."""
