@@ -175,8 +175,8 @@ def test_matte_from_another_folder_finds_the_shipped_model(tmp_path: Path) -> No
 
 def test_matte_to_a_jpeg_file_writes_the_composite(tmp_path: Path) -> None:
     out = tmp_path / "flat.jpg"
-    result = hotfolder("matte", str(ROOT / "samples/coffee.jpg"), str(out), "--background", "red")
-    assert result.returncode == 2  # "red" is no colour it knows: said before the model loads
+    result = hotfolder("matte", str(ROOT / "samples/coffee.jpg"), str(out), "--background", "rdd")
+    assert result.returncode == 2  # no colour it knows: said before the model loads
     assert "loaded" not in result.stderr
     result = hotfolder("matte", str(ROOT / "samples/coffee.jpg"), str(out), "--background", "black")
     assert result.returncode == 0, result.stderr
