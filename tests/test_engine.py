@@ -98,7 +98,7 @@ def test_auto_picks_the_cpu_without_a_gpu_and_says_so(caplog: pytest.LogCaptureF
     engine.setup()
     assert engine.device == torch.device("cpu")
     assert engine.precision == "fp32"
-    assert "loaded on cpu (fp32)" in caplog.text
+    assert "loaded on cpu (fp32; CPU " in caplog.text  # and which CPU path runs
 
 
 @pytest.mark.parametrize("device", ["cuda", "cuda:0"])
