@@ -20,7 +20,7 @@ from hotfolder import __version__, config, recipes
 from hotfolder.progress import BarSafe, Progress, choose_mode
 
 if TYPE_CHECKING:
-    from hotfolder.engine import MattingEngine
+    from hotfolder.runtime import Engine
 
 log = logging.getLogger("hotfolder")
 
@@ -212,25 +212,38 @@ def check_weights(cfg: config.Config) -> None:
 
 def make_engine(
     cfg: config.Config, flip_average: bool | None = None, warm_up: bool = True
-) -> MattingEngine:
-    from hotfolder.engine import EngineError, MattingEngine
+) -> Engine:
+    """The engine ``cfg.model`` asks for, loaded (and warmed with ``warm_up``). ONNX Runtime's
+    never imports PyTorch once its export is cached."""
+    from hotfolder import runtime
 
     check_weights(cfg)
     model = cfg.model
+    flip = model.flip_average if flip_average is None else flip_average
+    engine: Engine
     try:
-        engine = MattingEngine(
-            model.name,
-            model.weights,
-            model.device,
-            model.precision,
-            model.flip_average if flip_average is None else flip_average,
-            cpu_threads=model.cpu_threads,
-            max_batch=cfg.batching.max_batch_size,
-            cuda_graphs=model.cuda_graphs,
-            compile_cache=model.compile_cache if model.compile else None,
-        )
+        if runtime.choose(model) == runtime.ONNXRUNTIME:
+            from hotfolder.onnxengine import OnnxEngine
+
+            engine = OnnxEngine(
+                model.name, model.weights, model.onnx_cache, flip, model.cpu_threads
+            )
+        else:
+            from hotfolder.engine import MattingEngine
+
+            engine = MattingEngine(
+                model.name,
+                model.weights,
+                model.device,
+                model.precision,
+                flip,
+                cpu_threads=model.cpu_threads,
+                max_batch=cfg.batching.max_batch_size,
+                cuda_graphs=model.cuda_graphs,
+                compile_cache=model.compile_cache if model.compile else None,
+            )
         engine.setup(warm_up)
-    except EngineError as exc:
+    except runtime.EngineError as exc:
         raise UsageError(str(exc)) from None
     return engine
 
@@ -394,7 +407,10 @@ def run_check(args: argparse.Namespace) -> int:
         watch = "polling" if inbox.polling else "inotify"
         print(f"inbox {inbox.name}: {inbox.path} -> {inbox.outbox} ({watch})")
     print(f"model: {cfg.model.name} from {cfg.model.weights}")
-    print(f"device: {engine.device} ({engine.precision}), warm-up {engine.warmup_seconds:.2f} s")
+    print(
+        f"device: {engine.device} ({engine.precision}, {engine.runtime}), "
+        f"warm-up {engine.warmup_seconds:.2f} s"
+    )
     return EXIT_OK
 
 

@@ -45,6 +45,8 @@ class ModelConfig:
     cuda_graphs: bool = True  # replay the model from CUDA graphs captured during warm-up
     compile: bool = False  # torch.compile: faster on a GPU, minutes at the first start
     compile_cache: Path = Path()  # where compiled kernels are kept between starts
+    runtime: str = "auto"  # torch, onnxruntime, or auto (see hotfolder.runtime.choose)
+    onnx_cache: Path = Path()  # where the model exported for ONNX Runtime is kept
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,7 @@ def parse(raw: Any, base: Path, source: Path | None = None) -> Config:
 
 MODEL_KEYS = {
     "name", "weights", "device", "precision", "flip_average", "cpu_threads", "cuda_graphs",
-    "compile", "compile_cache",
+    "compile", "compile_cache", "runtime", "onnx_cache",
 }  # fmt: skip
 
 
@@ -173,10 +175,12 @@ def _model(raw: Any, base: Path) -> ModelConfig:
         raise ConfigError(
             f"model.precision: {precision!r} is not one of auto, fp32, fp16, bf16, bf16-mixed"
         )
+    device = _get(section, "model.device", str, defaults.device)
+    runtime = _runtime(_get(section, "model.runtime", str, defaults.runtime), device, precision)
     return ModelConfig(
         name=name,
         weights=_path(weights, "model.weights", base),
-        device=_get(section, "model.device", str, defaults.device),
+        device=device,
         precision=precision,
         flip_average=_get(section, "model.flip_average", bool, defaults.flip_average),
         cpu_threads=_non_negative(section, "model.cpu_threads", defaults.cpu_threads),
@@ -185,7 +189,23 @@ def _model(raw: Any, base: Path) -> ModelConfig:
         compile_cache=_path(
             section.get("compile_cache", str(default_compile_cache())), "model.compile_cache", base
         ),
+        runtime=runtime,
+        onnx_cache=_path(
+            section.get("onnx_cache", str(default_onnx_cache())), "model.onnx_cache", base
+        ),
     )
+
+
+def _runtime(runtime: str, device: str, precision: str) -> str:
+    if runtime not in ("auto", "torch", "onnxruntime"):
+        raise ConfigError(f"model.runtime: {runtime!r} is not one of auto, torch, onnxruntime")
+    if runtime == "onnxruntime" and device not in ("auto", "cpu"):
+        raise ConfigError(f"model.runtime: onnxruntime runs on the CPU; model.device is {device!r}")
+    if runtime == "onnxruntime" and precision not in ("auto", "fp32"):
+        raise ConfigError(
+            f"model.runtime: onnxruntime runs fp32; model.precision {precision!r} needs torch"
+        )
+    return runtime
 
 
 def default_weights(name: str) -> Path:
@@ -202,12 +222,20 @@ def with_model(config: Config, name: str) -> Config:
     return replace(config, model=model)
 
 
-def default_compile_cache() -> Path:
+def cache_root() -> Path:
     """The cache folder systemd gives the service (CacheDirectory=), else the user's."""
     systemd_cache = os.environ.get("CACHE_DIRECTORY", "").split(":")[0]
     if systemd_cache:
-        return Path(systemd_cache) / "torch-compile"
-    return Path.home() / ".cache" / "hotfolder" / "torch-compile"
+        return Path(systemd_cache)
+    return Path.home() / ".cache" / "hotfolder"
+
+
+def default_compile_cache() -> Path:
+    return cache_root() / "torch-compile"
+
+
+def default_onnx_cache() -> Path:
+    return cache_root() / "onnx"
 
 
 def _batching(raw: Any) -> BatchingConfig:

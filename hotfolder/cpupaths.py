@@ -5,9 +5,6 @@ Every form takes and returns float32: (N, 3, 320, 320) in, (N, 1, 320, 320) sali
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
-
 import torch
 from torch import nn
 
@@ -20,35 +17,6 @@ from torch import nn
 FULL_RESOLUTION = ("encoder.0", "decoder.4")
 KEEP_FP32 = tuple(f"encoder.{i}" for i in range(1, 6)) + tuple(f"decoder.{i}" for i in range(4))
 KEEP_FP32 += ("side", "outconv")
-# CPU flags of native bf16 arithmetic (dot products): AMX on Xeon since Sapphire Rapids,
-# AVX-512 BF16 on Cooper Lake, Zen 4 and later. Without them PyTorch emulates bf16, slower than
-# fp32.
-NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
-
-
-@functools.cache
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
-    """The first CPU's feature flags, as the kernel lists them; empty where unreadable."""
-    try:
-        text = cpuinfo.read_text(encoding="ascii", errors="replace")
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.partition(":")[2].split())
-    return frozenset()
-
-
-def native_bf16() -> str | None:
-    """The flag by which this CPU computes bf16 natively, or None."""
-    return next((flag for flag in NATIVE_BF16_FLAGS if flag in cpu_flags()), None)
-
-
-def describe() -> str:
-    """This CPU's vector capability as PyTorch uses it, and whether it has native bf16."""
-    flag = native_bf16()
-    bf16 = f"native bf16 ({flag})" if flag else "no native bf16"
-    return f"CPU {torch.backends.cpu.get_cpu_capability()}, {bf16}"
 
 
 class Float32(nn.Module):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,8 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hotfolder import cpupaths, cudagraphs, models
+from hotfolder import cpuinfo, cpupaths, cudagraphs, models
 from hotfolder.resample import resize_lanczos
+from hotfolder.runtime import TORCH, EngineError
+from hotfolder.turns import Turns
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -37,10 +38,6 @@ MIXED = "bf16-mixed"
 # PyTorch's own choice (one per physical core, or OMP_NUM_THREADS), read before an engine on the
 # CPU sets the process to one thread per operation.
 DEFAULT_CPU_THREADS = torch.get_num_threads()
-
-
-class EngineError(Exception):
-    """The engine cannot run as configured (device, precision or weights)."""
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -92,30 +89,11 @@ def is_mixed(spec: str, device: torch.device) -> bool:
     return True
 
 
-class Turns:
-    """A lock taken in arrival order: threads sharing the model (the daemon's batches, clients
-    of its local socket) each wait at most one turn per caller ahead of them, never starve."""
-
-    def __init__(self) -> None:
-        self._changed = threading.Condition()
-        self._next_ticket = 0
-        self._serving = 0
-
-    def __enter__(self) -> None:
-        with self._changed:
-            ticket = self._next_ticket
-            self._next_ticket += 1
-            self._changed.wait_for(lambda: self._serving == ticket)
-
-    def __exit__(self, *exc: object) -> None:
-        with self._changed:
-            self._serving += 1
-            self._changed.notify_all()
-
-
 class MattingEngine:
-    """One model resident on one device. ``predict`` may be called from several threads: they
-    take turns, in the order they called."""
+    """One model resident on one device, on PyTorch. ``predict`` may be called from several
+    threads: they take turns, in the order they called."""
+
+    runtime = TORCH
 
     def __init__(
         self,
@@ -201,11 +179,12 @@ class MattingEngine:
             self.predict([np.zeros((models.INPUT_SIZE, models.INPUT_SIZE, 3), np.uint8)])
         self.warmup_seconds = time.perf_counter() - started
         log.info(
-            "model %s loaded on %s (%s%s) in %.2f s, warm-up %.2f s%s%s",
+            "model %s loaded on %s (%s, PyTorch %s%s) in %.2f s, warm-up %.2f s%s%s",
             self.arch,
             self.device,
             self.precision,
-            f"; {cpupaths.describe()}" if self.device.type == "cpu" else "",
+            torch.__version__,
+            f"; {cpuinfo.describe()}" if self.device.type == "cpu" else "",
             self.load_seconds,
             self.warmup_seconds,
             ", compiled" if self.compile_cache is not None else "",

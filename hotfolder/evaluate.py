@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from hotfolder import imaging
-from hotfolder.engine import MattingEngine
+from hotfolder.runtime import Engine
 
 GRAD_SIGMA = 1.4
 
@@ -79,7 +79,7 @@ def mask_scores(alphas: list[np.ndarray], truths: list[np.ndarray]) -> dict[str,
 
 
 def predict_pairs(
-    engine: MattingEngine, pairs: list[Pair], batch_size: int
+    engine: Engine, pairs: list[Pair], batch_size: int
 ) -> Iterator[tuple[Pair, np.ndarray]]:
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
@@ -87,7 +87,7 @@ def predict_pairs(
         yield from zip(chunk, engine.predict([p.rgb for p in pictures]), strict=True)
 
 
-def evaluate(engine: MattingEngine, dataset: Path, batch_size: int = 8) -> dict[str, float]:
+def evaluate(engine: Engine, dataset: Path, batch_size: int = 8) -> dict[str, float]:
     """Mean metrics over the dataset; the soft-alpha or the mask set, by its gt_type."""
     pairs = read_pairs(dataset)
     if not pairs:

@@ -87,6 +87,7 @@ def model_identity(model: ModelConfig) -> dict[str, object]:
         "weights": [str(weights), *version],
         "device": model.device,
         "precision": model.precision,
+        "runtime": model.runtime,
         "flip_average": model.flip_average,
     }
 

@@ -26,12 +26,12 @@ import numpy as np
 from hotfolder import config, imaging
 from hotfolder.claims import Claim
 from hotfolder.collect import Stop
-from hotfolder.engine import MattingEngine
 from hotfolder.inboxes import Inbox, InboxSet
 from hotfolder.journal import Journal
 from hotfolder.metrics import Metrics
 from hotfolder.progress import Progress
 from hotfolder.roots import Pause, Root, Roots, usable
+from hotfolder.runtime import Engine
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class Pipeline:
     def __init__(
         self,
         cfg: config.Config,
-        engine: MattingEngine,
+        engine: Engine,
         metrics: Metrics,
         journal: Journal,
         inboxes: InboxSet,

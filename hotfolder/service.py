@@ -28,7 +28,6 @@ import torch
 from hotfolder import __version__, handoff, names, publish
 from hotfolder.collect import STOP
 from hotfolder.config import Config, InboxConfig
-from hotfolder.engine import MattingEngine
 from hotfolder.inboxes import Inbox, InboxSet
 from hotfolder.jobs import Reason
 from hotfolder.journal import Journal
@@ -36,6 +35,7 @@ from hotfolder.metrics import Metrics, MetricsServer
 from hotfolder.outcomes import Outcomes
 from hotfolder.pipeline import Pipeline
 from hotfolder.progress import Progress
+from hotfolder.runtime import Engine
 from hotfolder.stages.decode import Decode
 from hotfolder.stages.infer import Infer
 from hotfolder.stages.intake import Intake
@@ -54,7 +54,7 @@ class Service:
     def __init__(
         self,
         cfg: Config,
-        engine: MattingEngine,
+        engine: Engine,
         once: bool = False,
         metrics: Metrics | None = None,
         notifier: Notifier | None = None,
@@ -89,7 +89,7 @@ class Service:
         return self.pipeline.config
 
     @property
-    def engine(self) -> MattingEngine:
+    def engine(self) -> Engine:
         return self.pipeline.engine
 
     def _make_inbox(self, inbox_config: InboxConfig) -> Inbox:
@@ -313,7 +313,7 @@ class Service:
             return False
         self.inboxes.stop()
         if self.engine.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.engine.device)
+            peak = torch.cuda.max_memory_allocated(str(self.engine.device))
             log.info("peak GPU memory %d MiB", peak // 2**20)
         log.info("stopped cleanly")
         return True

@@ -12,6 +12,7 @@ import torch
 from skimage import data
 
 from hotfolder.engine import MattingEngine
+from hotfolder.onnxengine import OnnxEngine
 
 if TYPE_CHECKING:
     from .daemon import Site
@@ -43,6 +44,20 @@ def engine() -> MattingEngine:
 def batch_engine() -> MattingEngine:
     """The CPU engine running a batch as one tensor, as a GPU does."""
     model = MattingEngine("u2netp", WEIGHTS, device="cpu", cpu_threads=1)
+    model.setup()
+    return model
+
+
+@pytest.fixture(scope="session")
+def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache of exported models of the test session's own (exported by the first user)."""
+    return tmp_path_factory.mktemp("onnx-cache")
+
+
+@pytest.fixture(scope="session")
+def onnx_engine(onnx_cache: Path) -> OnnxEngine:
+    """The CPU engine on ONNX Runtime, as the daemon runs it on a CPU (``runtime: auto``)."""
+    model = OnnxEngine("u2netp", WEIGHTS, onnx_cache, cpu_threads=2)
     model.setup()
     return model
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from hotfolder import cpupaths
+from hotfolder import cpuinfo, cpupaths
 from hotfolder.engine import MIXED, EngineError, MattingEngine, is_mixed
 
 from .conftest import WEIGHTS
@@ -21,7 +20,7 @@ def test_bf16_mixed_mattes_stay_within_2_of_255_of_fp32(
     mixed = MattingEngine("u2netp", WEIGHTS, device="cpu", precision=MIXED)
     with caplog.at_level(logging.INFO, logger="hotfolder.engine"):
         mixed.setup(warm_up=False)
-    assert f"(bf16-mixed; CPU {torch.backends.cpu.get_cpu_capability()}" in caplog.text
+    assert f"(bf16-mixed, PyTorch {torch.__version__}; {cpuinfo.describe()})" in caplog.text
     images = [photos["chelsea"], photos["astronaut"]]
     for ours, reference in zip(mixed.predict(images), engine.predict(images), strict=True):
         assert ours.dtype == np.uint8
@@ -54,13 +53,3 @@ def test_mixed_is_for_the_cpu_and_only_when_asked() -> None:
     assert is_mixed(MIXED, torch.device("cpu"))
     assert not is_mixed("fp32", torch.device("cpu"))
     assert not is_mixed("auto", torch.device("cpu"))
-
-
-def test_cpu_flags_come_from_the_first_cpu(tmp_path: Path) -> None:
-    cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text(
-        "processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16 amx_tile\n\n"
-        "processor\t: 1\nflags\t\t: fpu\n"
-    )
-    assert cpupaths.cpu_flags(cpuinfo) == {"fpu", "avx2", "avx512_bf16", "amx_tile"}
-    assert cpupaths.cpu_flags(tmp_path / "absent") == frozenset()

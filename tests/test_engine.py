@@ -98,7 +98,7 @@ def test_auto_picks_the_cpu_without_a_gpu_and_says_so(caplog: pytest.LogCaptureF
     engine.setup()
     assert engine.device == torch.device("cpu")
     assert engine.precision == "fp32"
-    assert "loaded on cpu (fp32; CPU " in caplog.text  # and which CPU path runs
+    assert f"loaded on cpu (fp32, PyTorch {torch.__version__}; CPU " in caplog.text  # which path
 
 
 @pytest.mark.parametrize("device", ["cuda", "cuda:0"])

@@ -20,7 +20,7 @@ from PIL import Image
 
 from hotfolder import handoff
 from hotfolder.config import load as load_config
-from hotfolder.engine import Turns
+from hotfolder.turns import Turns
 
 from . import corpus
 from .conftest import ROOT, WEIGHTS
@@ -98,6 +98,7 @@ def test_matte_asking_for_other_mattes_than_the_daemons_uses_its_own_model(
     asks = {  # each changes the mattes: the same model name is not the same model
         "precision": {"precision": "bf16-mixed"},
         "flip": {"flip_average": True},
+        "runtime": {"runtime": "torch"},  # the daemon's auto is ONNX Runtime on this CPU
         "weights": {"weights": str(copy)},
     }
     log = site.root / "log"

@@ -176,8 +176,10 @@ class Intake:
         engine = pipeline.engine
         if engine.device.type == "cuda":
             gpu = engine.device
-            pipeline.metrics.gpu_memory.labels("allocated").set(torch.cuda.memory_allocated(gpu))
-            pipeline.metrics.gpu_memory.labels("reserved").set(torch.cuda.memory_reserved(gpu))
+            pipeline.metrics.gpu_memory.labels("allocated").set(
+                torch.cuda.memory_allocated(str(gpu))
+            )
+            pipeline.metrics.gpu_memory.labels("reserved").set(torch.cuda.memory_reserved(str(gpu)))
 
     def observe_backlog(self) -> None:
         """Files in the inbox not claimed yet: not tracked yet, settling in the watcher, or

@@ -1,0 +1,183 @@
+"""The model on ONNX Runtime: the same mattes as on PyTorch, its export kept and checked, and a
+CPU start without PyTorch."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hotfolder import config, cpuinfo, exported, onnxengine, runtime
+from hotfolder.engine import MattingEngine
+from hotfolder.onnxengine import OnnxEngine
+from hotfolder.runtime import EngineError
+
+from .conftest import ROOT, WEIGHTS
+
+
+def odd_sizes(photos: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Real photos, and crops smaller than the model's input, one pixel wide, and far wider."""
+    astronaut = photos["astronaut"]
+    wide = np.ascontiguousarray(np.tile(astronaut[:100], (1, 8, 1)))  # 4096 × 100
+    return [*photos.values(), astronaut[:200, :150].copy(), astronaut[:, :1].copy(), wide]
+
+
+def assert_within_rounding(ours: list[np.ndarray], theirs: list[np.ndarray]) -> None:
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.shape == b.shape
+        assert a.dtype == b.dtype == np.uint8
+        difference = np.abs(a.astype(np.int16) - b)
+        assert difference.max() <= 2  # Pillow resizes in fixed point, PyTorch in float
+        assert difference.mean() < 0.05
+
+
+def test_mattes_are_pytorchs_within_rounding(
+    onnx_engine: OnnxEngine, engine: MattingEngine, photos: dict[str, np.ndarray]
+) -> None:
+    images = odd_sizes(photos)
+    assert_within_rounding(onnx_engine.predict(images), engine.predict(images))
+    alone = [onnx_engine.predict([image])[0] for image in images[:2]]  # on both cores at once
+    assert_within_rounding(alone, engine.predict(images[:2]))
+
+
+def test_flip_averaged_mattes_are_pytorchs(onnx_cache: Path, photos: dict[str, np.ndarray]) -> None:
+    ours = OnnxEngine("u2netp", WEIGHTS, onnx_cache, flip_average=True, cpu_threads=2)
+    ours.setup(warm_up=False)
+    theirs = MattingEngine("u2netp", WEIGHTS, "cpu", "fp32", flip_average=True, cpu_threads=2)
+    theirs.setup(warm_up=False)
+    images = list(photos.values())[:2]
+    assert_within_rounding(ours.predict(images), theirs.predict(images))
+    plain = OnnxEngine("u2netp", WEIGHTS, onnx_cache, cpu_threads=2)
+    plain.setup(warm_up=False)
+    assert any(  # flipping is not a no-op
+        np.abs(a.astype(np.int16) - b).max() > 1
+        for a, b in zip(ours.predict(images), plain.predict(images), strict=True)
+    )
+
+
+START_WITHOUT_TORCH = """
+import sys
+from pathlib import Path
+from hotfolder.onnxengine import OnnxEngine
+import numpy as np
+engine = OnnxEngine("u2netp", Path(sys.argv[1]), Path(sys.argv[2]))
+engine.setup()
+engine.predict([np.zeros((100, 80, 3), np.uint8)])
+print("torch" in sys.modules)
+"""
+
+
+def start(cache: Path) -> bool:
+    """Whether an engine's start with ``cache``, in a process of its own, imported PyTorch."""
+    result = subprocess.run(
+        [sys.executable, "-c", START_WITHOUT_TORCH, str(WEIGHTS), str(cache)],
+        cwd=ROOT, capture_output=True, text=True, check=True, timeout=300,
+    )  # fmt: skip
+    return result.stdout.strip() == "True"
+
+
+def test_the_export_is_kept_and_later_starts_never_import_pytorch(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    assert start(cache)  # exported, with PyTorch
+    (kept,) = cache.iterdir()
+    assert kept == exported.cache_path("u2netp", WEIGHTS, cache)
+    assert kept.stat().st_mode & 0o777 == 0o644
+    assert not start(cache)
+    assert list(cache.iterdir()) == [kept]
+
+
+def test_other_weights_get_an_export_of_their_own(tmp_path: Path) -> None:
+    """A weights file replaced in place (same name) must never run on the old graph."""
+    weights = tmp_path / "u2netp.safetensors"
+    weights.write_bytes(WEIGHTS.read_bytes())
+    first = exported.cache_path("u2netp", weights, tmp_path)
+    weights.write_bytes(WEIGHTS.read_bytes() + b" ")  # any change of content
+    assert exported.cache_path("u2netp", weights, tmp_path) != first
+
+
+def test_a_damaged_export_is_exported_again(
+    onnx_cache: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    kept = exported.cache_path("u2netp", WEIGHTS, onnx_cache)
+    exported.onnx_model("u2netp", WEIGHTS, onnx_cache)  # exported by now, for this session
+    damaged = cache / kept.name
+    damaged.write_bytes(kept.read_bytes()[: kept.stat().st_size // 2])  # cut short
+    engine = OnnxEngine("u2netp", WEIGHTS, cache, cpu_threads=1)
+    engine.setup()
+    assert "is damaged" in caplog.text
+    assert damaged.read_bytes() == kept.read_bytes()  # the export is deterministic
+    assert engine.predict([np.zeros((40, 30, 3), np.uint8)])[0].shape == (40, 30)
+
+
+def test_a_cache_that_cannot_be_written_costs_only_time(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder would be")
+    engine = OnnxEngine("u2netp", WEIGHTS, blocked, cpu_threads=1)
+    engine.setup()
+    assert "cannot keep the exported model" in caplog.text
+    assert engine.predict([np.zeros((40, 30, 3), np.uint8)])[0].shape == (40, 30)
+
+
+def test_unusable_weights_are_an_engine_error(tmp_path: Path) -> None:
+    missing = OnnxEngine("u2netp", tmp_path / "nowhere.safetensors", tmp_path)
+    with pytest.raises(EngineError, match=r"nowhere\.safetensors"):
+        missing.setup()
+    other = OnnxEngine("u2net", WEIGHTS, tmp_path)  # u2netp's weights for u2net
+    with pytest.raises(EngineError, match="does not fit model 'u2net'"):
+        other.setup()
+    assert not list(tmp_path.iterdir())  # nothing kept
+
+
+def test_a_graph_that_computes_otherwise_is_refused(onnx_cache: Path) -> None:
+    data = exported.onnx_model("u2netp", WEIGHTS, onnx_cache)
+    x = np.random.default_rng(0).random((1, 3, 320, 320), np.float32)
+    right = onnxengine.session(data, 1).run(None, {"input": x})[0]
+    exported.check(data, x, right)
+    with pytest.raises(exported.ExportError, match="differs from PyTorch"):
+        exported.check(data, x, right + 2 * exported.TOLERANCE)
+
+
+def model(**settings: object) -> config.ModelConfig:
+    return config.parse({"model": settings}, base=Path.cwd()).model
+
+
+def test_auto_is_onnx_runtime_for_fp32_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert runtime.choose(model(device="cpu")) == runtime.ONNXRUNTIME
+    for other in ({"precision": "bf16-mixed"}, {"precision": "bf16"}, {"compile": True}):
+        assert runtime.choose(model(device="cpu", **other)) == runtime.TORCH, other
+    assert runtime.choose(model(device="cuda")) == runtime.TORCH
+    assert runtime.choose(model(device="cpu", runtime="torch")) == runtime.TORCH
+    gpu = cpuinfo.nvidia_gpu_present()
+    assert runtime.choose(model()) == (runtime.TORCH if gpu else runtime.ONNXRUNTIME)
+    monkeypatch.setattr(cpuinfo, "nvidia_gpu_present", lambda: True)  # a GPU server
+    assert runtime.choose(model()) == runtime.TORCH
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"runtime": "tensorrt"}, "model.runtime: 'tensorrt' is not one of auto, torch, onnx"),
+        ({"runtime": "onnxruntime", "device": "cuda"}, "onnxruntime runs on the CPU"),
+        ({"runtime": "onnxruntime", "precision": "bf16"}, "'bf16' needs torch"),
+    ],
+)
+def test_impossible_runtimes_are_refused(settings: dict[str, str], message: str) -> None:
+    with pytest.raises(config.ConfigError, match=message):
+        model(**settings)
+
+
+def test_the_log_names_the_runtime_and_the_cpu(
+    onnx_cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="hotfolder")
+    OnnxEngine("u2netp", WEIGHTS, onnx_cache, cpu_threads=1).setup(warm_up=False)
+    assert "loaded on cpu (fp32, ONNX Runtime 1." in caplog.text
+    assert f"; {cpuinfo.describe()})" in caplog.text
