@@ -310,3 +310,30 @@ def test_matte_in_then_a_missing_name_it_cannot_write_is_refused(
     assert refusal in result.stderr
     assert "loaded" not in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jpg"]
+
+
+MATTE_AND_SAY_IF_TORCH_LOADED = """
+import sys
+from hotfolder import cli
+code = cli.main(sys.argv[1:])
+print("torch" in sys.modules, code)
+"""
+
+
+def test_matte_on_the_cpu_imports_no_pytorch_once_the_model_is_exported(tmp_path: Path) -> None:
+    """PyTorch's import alone takes longer than a photo's matte: a one-shot command on the CPU
+    pays it only the first time, to export the model for ONNX Runtime."""
+    config = tmp_path / "config.yaml"
+    config.write_text(f"model: {{device: cpu, onnx_cache: {tmp_path / 'cache'}}}\n")
+    photo = ROOT / "samples/chelsea.jpg"
+
+    def matte(out: str) -> str:
+        command = [sys.executable, "-c", MATTE_AND_SAY_IF_TORCH_LOADED, "matte", "-c", str(config)]
+        return subprocess.run(
+            [*command, str(photo), str(tmp_path / out)],
+            cwd=tmp_path, capture_output=True, text=True, timeout=300, check=True,
+        ).stdout.strip()  # fmt: skip
+
+    assert matte("first.png") == "True 0"  # exported, with PyTorch
+    assert matte("second.png") == "False 0"
+    assert corpus.load(tmp_path / "second.png")[1].shape == (300, 451, 4)
