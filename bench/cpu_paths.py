@@ -2,7 +2,9 @@
 
     nice python bench/cpu_paths.py --eval ../shared/eval --out cpu_paths.json
 
-Forms (hotfolder/cpupaths.py): ``frozen`` (TorchScript, traced and frozen for oneDNN's fused
+Forms: ``onnxruntime`` (the engine for fp32 on the CPU, hotfolder/onnxengine.py: the model
+exported to ONNX Runtime, with its own pre- and post-processing in Pillow and OpenCV), and from
+hotfolder/cpupaths.py ``frozen`` (TorchScript, traced and frozen for oneDNN's fused
 kernels), ``bf16`` (bf16 autocast everywhere), ``bf16-edges`` (all but the first and last stages in
 bf16: those, the side outputs and their fusion in fp32), ``bf16-mixed`` (the engine's: only the two
 full-resolution stages in bf16).
@@ -26,12 +28,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hotfolder import cpupaths, evaluate, imaging, models
+from hotfolder import config, cpupaths, evaluate, exported, imaging, models, onnxengine
 from hotfolder.engine import MattingEngine
+from hotfolder.onnxengine import OnnxEngine
+from hotfolder.runtime import Engine
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "weights" / "u2netp.safetensors"
-FORMS = ("fp32", "frozen", "bf16", "bf16-edges", "bf16-mixed")
+FORMS = ("fp32", "onnxruntime", "frozen", "bf16", "bf16-edges", "bf16-mixed")
+ONNX_CACHE = config.default_onnx_cache()
+
+
+class OnnxRuntimeForm(torch.nn.Module):
+    """The model exported to ONNX Runtime, on one thread, in a PyTorch model's place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.session = onnxengine.session(exported.onnx_model("u2netp", WEIGHTS, ONNX_CACHE), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {"input": x.contiguous().numpy()})[0])
+
+
 EDGES = ("encoder.0", "decoder.4", "side", "outconv")
 
 
@@ -39,6 +57,8 @@ def build(form: str) -> torch.nn.Module:
     model = models.load("u2netp", WEIGHTS).to(memory_format=torch.channels_last)
     example = torch.zeros(1, 3, 320, 320).contiguous(memory_format=torch.channels_last)
     keep = {"bf16": (), "bf16-edges": EDGES, "bf16-mixed": cpupaths.KEEP_FP32}
+    if form == "onnxruntime":
+        return OnnxRuntimeForm()
     if form == "frozen":
         return cpupaths.frozen(model, example)
     if form in keep:
@@ -46,8 +66,13 @@ def build(form: str) -> torch.nn.Module:
     return model
 
 
-def engine_with(model: torch.nn.Module) -> MattingEngine:
-    """An fp32 engine (its pre- and post-processing) running ``model`` instead of its own."""
+def engine_with(model: torch.nn.Module) -> Engine:
+    """An fp32 engine (its pre- and post-processing) running ``model`` instead of its own; for
+    ``onnxruntime`` the ONNX Runtime engine itself, as it runs on one core."""
+    if isinstance(model, OnnxRuntimeForm):
+        onnx = OnnxEngine("u2netp", WEIGHTS, ONNX_CACHE, cpu_threads=1)
+        onnx.setup(warm_up=False)
+        return onnx
     engine = MattingEngine("u2netp", WEIGHTS, "cpu", "fp32", cpu_threads=1)
     engine.setup(warm_up=False)
     engine._model = model  # benchmark only: the form under test in the engine's place
@@ -78,7 +103,7 @@ def score(
     return evaluate.mask_scores(alphas, truths)
 
 
-def predict(engine: MattingEngine, pictures: list[np.ndarray]) -> list[np.ndarray]:
+def predict(engine: Engine, pictures: list[np.ndarray]) -> list[np.ndarray]:
     """In batches of 8: one batch of a whole dataset on one thread takes tens of GB."""
     return [a for i in range(0, len(pictures), 8) for a in engine.predict(pictures[i : i + 8])]
 

@@ -1,7 +1,11 @@
 """What a user waits for: `hotfolder matte` of one photo and of 16, process start included,
 with and without a running daemon, against rembg in the same run.
 
-    python bench/first_photo.py --rounds 5 --out first_photo.json
+    python bench/first_photo.py --rounds 5 --out first_photo.json [--torch]
+
+The daemon and ``matte`` run the default runtime (ONNX Runtime on a CPU; the daemon's start
+exports the model into the cache first); ``--torch`` adds ``matte`` without a daemon on PyTorch
+(``model.runtime: torch``), for comparison.
 
 Each round runs every case once, in turn, so that load from other processes falls on all of them
 alike; the median wall-clock seconds per case over the rounds are reported, and the ratios to
@@ -21,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
 from throughput import ROOT, make_photos, rembg_like_p, start_daemon, wait_until, write_config
 
 from hotfolder import handoff
@@ -49,12 +54,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--skip-rembg", action="store_true")
+    parser.add_argument("--torch", action="store_true", help="add matte on PyTorch, no daemon")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         photos = make_photos(work / "photos", 16, 1.0)
         config = write_config(work, "cpu", 16, 0)
+        on_torch = work / "torch.yaml"
+        settings = yaml.safe_load(config.read_text())
+        settings["model"]["runtime"] = "torch"
+        on_torch.write_text(yaml.safe_dump(settings))
+        cases = ["matte, no daemon", "matte, daemon running", "rembg"]
+        cases += ["matte, no daemon, PyTorch"] if args.torch else []
         sets = {"1 photo": photos[:1], "16 photos": photos}
         samples: dict[str, list[float]] = {}
         daemon = start_daemon(config, work / "daemon.log")
@@ -63,7 +75,7 @@ def main() -> None:
             wait_until(socket.exists, 300, daemon)
             for _ in range(args.rounds):
                 for label, chosen in sets.items():
-                    for case in ("matte, no daemon", "matte, daemon running", "rembg"):
+                    for case in cases:
                         if case == "rembg" and args.skip_rembg:
                             continue
                         out = work / "out"
@@ -72,10 +84,11 @@ def main() -> None:
                         else:
                             # The same config either way: only whether the socket answers differs.
                             hidden = socket.with_name("moved.sock")
-                            if case == "matte, no daemon":
+                            if "no daemon" in case:
                                 socket.rename(hidden)
                             try:
-                                seconds = matte(config, chosen, out)
+                                torch = case.endswith("PyTorch")
+                                seconds = matte(on_torch if torch else config, chosen, out)
                             finally:
                                 if hidden.exists():
                                     hidden.rename(socket)

@@ -317,13 +317,22 @@ def run_matte(args: argparse.Namespace) -> int:
         )
         progress = Progress(len(tasks), choose_mode(args.quiet, args.log_format), label="matte")
         with showing(progress):
-            matte.run(
-                engine, tasks, cfg.batching.max_batch_size, cfg.limits, summary, progress.advance
-            )
+            matte.run(engine, tasks, matte_batch(cfg), cfg.limits, summary, progress.advance)
         engine.ready()  # a model that cannot load is an error even when every file failed
     log.info("%d written to %s, %d skipped (not images), %d failed", summary.written,
              where, len(summary.skipped), len(summary.failed))  # fmt: skip
     return EXIT_FAILED if summary.failed else EXIT_OK
+
+
+def matte_batch(cfg: config.Config) -> int:
+    """Photos per batch for ``hotfolder matte``: on a GPU the configured batch; on the CPU one
+    per core, which the CPU engines run side by side anyway, so that decoding and encoding
+    overlap the model from the first photos on."""
+    from hotfolder import cpuinfo, runtime
+
+    if runtime.on_cpu(cfg.model):
+        return min(cfg.batching.max_batch_size, cfg.model.cpu_threads or cpuinfo.physical_cores())
+    return cfg.batching.max_batch_size
 
 
 OUTPUT_SUFFIXES = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg"}

@@ -250,6 +250,8 @@ def test_two_inputs_that_would_share_an_output_name_keep_both(
     daemon = start(site.config, log=log)
     try:
         wait_for(lambda: len(site.files(site.done)) == 2, 90, "both inputs")
+        # The journal records a job's outputs once its original is archived: wait for both.
+        wait_for(lambda: sum(bool(r["outputs"]) for r in site.rows()) == 2, 90, "both journal rows")
         sizes = {}
         for stem in ("item", "item-2"):
             with (
