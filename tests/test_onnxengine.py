@@ -193,9 +193,10 @@ def test_auto_is_onnx_runtime_for_fp32_on_the_cpu(monkeypatch: pytest.MonkeyPatc
         ({"runtime": "tensorrt"}, "model.runtime: 'tensorrt' is not one of auto, torch, onnx"),
         ({"runtime": "onnxruntime", "device": "cuda"}, "onnxruntime runs on the CPU"),
         ({"runtime": "onnxruntime", "precision": "bf16"}, "'bf16' needs torch"),
+        ({"runtime": "onnxruntime", "compile": True}, "model.compile is torch.compile: it needs"),
     ],
 )
-def test_impossible_runtimes_are_refused(settings: dict[str, str], message: str) -> None:
+def test_impossible_runtimes_are_refused(settings: dict[str, object], message: str) -> None:
     with pytest.raises(config.ConfigError, match=message):
         model(**settings)
 
