@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
+import stat
 import warnings
 from pathlib import Path
 from typing import Any
@@ -68,7 +70,7 @@ def onnx_model(
     path = cache_path(arch, weights, cache, digest)
     if not refresh:
         try:
-            return path.read_bytes()
+            return read_file(path)
         except FileNotFoundError:
             pass
         except OSError as exc:  # an unreadable cache only costs the export
@@ -81,6 +83,16 @@ def onnx_model(
         log.warning("cannot keep the exported model as %s (%s); it is exported again at each "
                     "start", path, exc)  # fmt: skip
     return data
+
+
+def read_file(path: Path) -> bytes:
+    """The content of the regular file ``path``. Raises FileNotFoundError, and OSError for the
+    rest, such as a FIFO or a device under that name (reading one could block a start
+    forever, without a word)."""
+    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise OSError("not a regular file")
+        return f.read()
 
 
 def mismatch(session: Any, arch: str, digest: str) -> str | None:

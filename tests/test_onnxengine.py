@@ -4,6 +4,7 @@ CPU start without PyTorch."""
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -139,6 +140,18 @@ def test_a_cached_graph_of_another_model_is_exported_again(
         assert kept.read_bytes() != foreign
         assert engine.predict([np.zeros((40, 30, 3), np.uint8)])[0].shape == (40, 30)
     assert exported.onnx_model("u2netp", WEIGHTS, cache) == ours
+
+
+def test_a_cached_name_that_is_no_file_is_exported_over(
+    onnx_cache: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A FIFO under the graph's name would block a start forever, without a word."""
+    exported.onnx_model("u2netp", WEIGHTS, onnx_cache)  # exported by now, for this session
+    kept = exported.cache_path("u2netp", WEIGHTS, tmp_path)
+    os.mkfifo(kept)
+    OnnxEngine("u2netp", WEIGHTS, tmp_path, cpu_threads=1).setup(warm_up=False)
+    assert f"cannot read the exported model {kept} (not a regular file)" in caplog.text
+    assert kept.read_bytes() == exported.cache_path("u2netp", WEIGHTS, onnx_cache).read_bytes()
 
 
 def test_a_cache_that_cannot_be_written_costs_only_time(
