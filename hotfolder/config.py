@@ -176,7 +176,9 @@ def _model(raw: Any, base: Path) -> ModelConfig:
             f"model.precision: {precision!r} is not one of auto, fp32, fp16, bf16, bf16-mixed"
         )
     device = _get(section, "model.device", str, defaults.device)
-    runtime = _runtime(_get(section, "model.runtime", str, defaults.runtime), device, precision)
+    compile_ = _get(section, "model.compile", bool, defaults.compile)
+    runtime = _get(section, "model.runtime", str, defaults.runtime)
+    _check_runtime(runtime, device, precision, compile_)
     return ModelConfig(
         name=name,
         weights=_path(weights, "model.weights", base),
@@ -185,7 +187,7 @@ def _model(raw: Any, base: Path) -> ModelConfig:
         flip_average=_get(section, "model.flip_average", bool, defaults.flip_average),
         cpu_threads=_non_negative(section, "model.cpu_threads", defaults.cpu_threads),
         cuda_graphs=_get(section, "model.cuda_graphs", bool, defaults.cuda_graphs),
-        compile=_get(section, "model.compile", bool, defaults.compile),
+        compile=compile_,
         compile_cache=_path(
             section.get("compile_cache", str(default_compile_cache())), "model.compile_cache", base
         ),
@@ -196,7 +198,7 @@ def _model(raw: Any, base: Path) -> ModelConfig:
     )
 
 
-def _runtime(runtime: str, device: str, precision: str) -> str:
+def _check_runtime(runtime: str, device: str, precision: str, compile_: bool) -> None:
     if runtime not in ("auto", "torch", "onnxruntime"):
         raise ConfigError(f"model.runtime: {runtime!r} is not one of auto, torch, onnxruntime")
     if runtime == "onnxruntime" and device not in ("auto", "cpu"):
@@ -205,7 +207,11 @@ def _runtime(runtime: str, device: str, precision: str) -> str:
         raise ConfigError(
             f"model.runtime: onnxruntime runs fp32; model.precision {precision!r} needs torch"
         )
-    return runtime
+    if runtime == "onnxruntime" and compile_:
+        raise ConfigError(
+            "model.runtime: onnxruntime runs its own graph; model.compile is torch.compile: it "
+            "needs torch (or set compile: false)"
+        )
 
 
 def default_weights(name: str) -> Path:

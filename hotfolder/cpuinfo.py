@@ -76,8 +76,14 @@ def _fields(block: str) -> dict[str, str]:
 
 
 def nvidia_gpu_present(driver: Path = NVIDIA_DRIVER) -> bool:
-    """Whether the NVIDIA driver lists a GPU: where it does not, ``device: auto`` is the CPU
-    without asking PyTorch (importing it takes over a second)."""
+    """Whether the NVIDIA driver lists a GPU that CUDA lets this process see: where it does
+    not, ``device: auto`` is the CPU without asking PyTorch (importing it takes over a
+    second)."""
+    # CUDA_VISIBLE_DEVICES empty, or starting with an invalid index such as -1, hides every GPU
+    # (the usual way to keep a process on the CPU of a GPU server).
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and (not visible.strip() or visible.strip().startswith("-")):
+        return False
     try:
         return any(driver.iterdir())
     except OSError:

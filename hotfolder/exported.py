@@ -3,7 +3,9 @@ checked against PyTorch, and kept in a cache folder, so that later starts load i
 importing PyTorch.
 
 A cached graph is named by its architecture, the sha256 of the weights and :data:`FORMAT`: new
-weights (or a changed export) get a graph of their own, never a stale one.
+weights (or a changed export) get a graph of their own, never a stale one. The graph also
+carries both in its metadata, so that a file under that name which is not that export (another
+program's model, the export of other weights copied over it) is told apart and never run.
 """
 
 from __future__ import annotations
@@ -11,8 +13,11 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
+import stat
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -21,7 +26,7 @@ from hotfolder.publish import write_atomic
 log = logging.getLogger(__name__)
 
 # Raised whenever the exported graph changes, so caches made by older versions are not used.
-FORMAT = 1
+FORMAT = 2
 # ONNX opset of the export: supported by every ONNX Runtime since 1.12.
 OPSET = 17
 # The largest |Δ| of saliency (0–1) allowed between the graph on ONNX Runtime and the model on
@@ -29,6 +34,10 @@ OPSET = 17
 # a graph that misses it is refused.
 TOLERANCE = 1e-4
 CHECK_SIZE = 320  # models.INPUT_SIZE; the graph takes any batch size
+INPUT, OUTPUT = "input", "saliency"
+# Metadata of the export (ModelProto.metadata_props): what it is the graph of.
+ARCH_KEY, WEIGHTS_KEY = "hotfolder.arch", "hotfolder.weights_sha256"
+METADATA_FIELD = 14  # ModelProto.metadata_props; StringStringEntryProto: key 1, value 2
 
 
 class ExportError(Exception):
@@ -44,38 +53,67 @@ def weights_digest(weights: Path) -> str:
     return digest.hexdigest()
 
 
-def cache_path(arch: str, weights: Path, cache: Path) -> Path:
-    """Where the graph of ``arch`` with ``weights`` is kept in ``cache``."""
-    return cache / f"{arch}-{weights_digest(weights)[:24]}-v{FORMAT}.onnx"
+def cache_path(arch: str, weights: Path, cache: Path, digest: str | None = None) -> Path:
+    """Where the graph of ``arch`` with ``weights`` (whose sha256 is ``digest``, computed when
+    not given) is kept in ``cache``."""
+    return cache / f"{arch}-{(digest or weights_digest(weights))[:24]}-v{FORMAT}.onnx"
 
 
-def onnx_model(arch: str, weights: Path, cache: Path, refresh: bool = False) -> bytes:
-    """The serialized ONNX graph of ``arch`` with ``weights``: from ``cache`` when it is there
-    (unless ``refresh``), else exported (importing PyTorch: seconds) and kept there. A cache
-    that cannot be written costs only the export at each start, with a warning. Raises
-    ExportError, and models.WeightsError for weights that do not load."""
-    path = cache_path(arch, weights, cache)
+def onnx_model(
+    arch: str, weights: Path, cache: Path, refresh: bool = False, digest: str | None = None
+) -> bytes:
+    """The serialized ONNX graph of ``arch`` with ``weights`` (sha256 ``digest``, computed when
+    not given): from ``cache`` when it is there (unless ``refresh``), else exported (importing
+    PyTorch: seconds) and kept there. A cache that cannot be written costs only the export at
+    each start, with a warning. Raises ExportError, OSError for unreadable weights."""
+    digest = digest or weights_digest(weights)
+    path = cache_path(arch, weights, cache, digest)
     if not refresh:
         try:
-            return path.read_bytes()
+            return read_file(path)
         except FileNotFoundError:
             pass
         except OSError as exc:  # an unreadable cache only costs the export
-            log.warning("cannot read the exported model in %s (%s)", cache, exc)
+            log.warning("cannot read the exported model %s (%s)", path, exc)
     log.info("exporting model %s for ONNX Runtime (once per weights file)", arch)
-    data = export(arch, weights)
+    data = export(arch, weights, digest)
     try:
         write_atomic(path, data, mode=0o644)
     except OSError as exc:
-        log.warning("cannot keep the exported model in %s (%s); it is exported again at each "
-                    "start", cache, exc)  # fmt: skip
+        log.warning("cannot keep the exported model as %s (%s); it is exported again at each "
+                    "start", path, exc)  # fmt: skip
     return data
 
 
-def export(arch: str, weights: Path) -> bytes:
-    """``arch`` with ``weights`` as an ONNX graph (input ``input`` (N, 3, 320, 320) float32,
-    output ``saliency`` (N, 1, 320, 320) float32), after checking that ONNX Runtime computes
-    what PyTorch does within :data:`TOLERANCE`."""
+def read_file(path: Path) -> bytes:
+    """The content of the regular file ``path``. Raises FileNotFoundError, and OSError for the
+    rest, such as a FIFO or a device under that name (reading one could block a start
+    forever, without a word)."""
+    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise OSError("not a regular file")
+        return f.read()
+
+
+def mismatch(session: Any, arch: str, digest: str) -> str | None:
+    """Why the graph loaded in the ONNX Runtime ``session`` is not the export of ``arch`` with
+    the weights of sha256 ``digest``, or None when it is."""
+    inputs = [i.name for i in session.get_inputs()]
+    outputs = [o.name for o in session.get_outputs()]
+    if inputs != [INPUT] or OUTPUT not in outputs:
+        return f"its inputs are {inputs} and outputs {outputs}, not [{INPUT!r}] and {OUTPUT!r}"
+    metadata = session.get_modelmeta().custom_metadata_map
+    made_of = (metadata.get(ARCH_KEY), metadata.get(WEIGHTS_KEY))
+    if made_of != (arch, digest):
+        return f"it is the export of {made_of[0]} with weights of sha256 {made_of[1]}"
+    return None
+
+
+def export(arch: str, weights: Path, digest: str) -> bytes:
+    """``arch`` with ``weights`` (of sha256 ``digest``) as an ONNX graph (input ``input``
+    (N, 3, 320, 320) float32, output ``saliency`` (N, 1, 320, 320) float32) that names both in
+    its metadata, after checking that ONNX Runtime computes what PyTorch does within
+    :data:`TOLERANCE`."""
     import torch
 
     from hotfolder import models
@@ -93,11 +131,11 @@ def export(arch: str, weights: Path) -> bytes:
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
             model, (example,), buffer,  # type: ignore[arg-type]  # file objects work too
-            input_names=["input"], output_names=["saliency"],
+            input_names=[INPUT], output_names=[OUTPUT],
             opset_version=OPSET, dynamic_axes={"input": {0: "batch"}, "saliency": {0: "batch"}},
             dynamo=False,
         )  # fmt: skip
-    data = buffer.getvalue()
+    data = with_metadata(buffer.getvalue(), {ARCH_KEY: arch, WEIGHTS_KEY: digest})
     with torch.inference_mode():
         expected = model(example).numpy()
     check(data, example.numpy(), expected)
@@ -109,7 +147,31 @@ def check(data: bytes, example: np.ndarray, expected: np.ndarray) -> None:
     import onnxruntime as ort
 
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    (got,) = session.run(["saliency"], {"input": example})
+    (got,) = session.run([OUTPUT], {INPUT: example})
     worst = float(np.abs(got - expected).max()) if got.shape == expected.shape else np.inf
     if not worst <= TOLERANCE:
         raise ExportError(f"the exported model differs from PyTorch's by {worst:.2g}")
+
+
+def with_metadata(graph: bytes, metadata: dict[str, str]) -> bytes:
+    """The serialized ONNX ModelProto ``graph`` with ``metadata`` added to its metadata_props.
+    Protobuf merges fields appended to a message into it, so this needs no ONNX package."""
+    entries = b"".join(
+        _field(METADATA_FIELD, _field(1, key.encode()) + _field(2, value.encode()))
+        for key, value in metadata.items()
+    )
+    return graph + entries
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)

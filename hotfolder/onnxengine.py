@@ -120,32 +120,40 @@ class OnnxEngine:
 
     def _load(self) -> tuple[Any, bytes]:
         """The graph's session on every core, and the graph. A cached graph that ONNX Runtime
-        cannot load (damaged since it was written) is exported again."""
+        cannot load (damaged since it was written), or that is not this model's, is exported
+        again."""
+        try:
+            digest = exported.weights_digest(self.weights)
+        except OSError as exc:
+            raise EngineError(f"model {self.arch}: {exc}") from exc
+        path = exported.cache_path(self.arch, self.weights, self.cache, digest)
         for refresh in (False, True):
             try:
-                model = exported.onnx_model(self.arch, self.weights, self.cache, refresh)
+                model = exported.onnx_model(self.arch, self.weights, self.cache, refresh, digest)
             except (OSError, exported.ExportError) as exc:
                 raise EngineError(f"model {self.arch}: {exc}") from exc
             try:
                 alone = session(model, self.cpu_threads)
             except Exception as exc:  # ONNX Runtime raises several pybind11 types for a bad graph
-                if refresh:
-                    raise EngineError(
-                        f"model {self.arch}: ONNX Runtime cannot load it: {exc}"
-                    ) from exc
-                log.warning("the exported model in %s is damaged (%s); exporting it again",
-                            self.cache, exc)  # fmt: skip
-                continue
-            return alone, model
+                problem = f"is damaged ({exc})"
+            else:
+                wrong = exported.mismatch(alone, self.arch, digest)
+                if wrong is None:
+                    return alone, model
+                problem = f"is not this model's: {wrong}"
+            if refresh:
+                raise EngineError(f"model {self.arch}: the graph just exported {problem}")
+            log.warning("the exported model %s %s; exporting it again", path, problem)
         raise AssertionError("unreachable")
 
     def _matte(self, image: np.ndarray, session: Any) -> np.ndarray:
         x = preprocess(image)
         if self.flip_average:
-            plain, flipped = session.run(None, {"input": np.concatenate((x, x[..., ::-1]))})[0]
+            pair = np.concatenate((x, x[..., ::-1]))
+            plain, flipped = session.run([exported.OUTPUT], {exported.INPUT: pair})[0]
             saliency = (plain[0] + flipped[0, :, ::-1]) / 2
         else:
-            saliency = session.run(None, {"input": x})[0][0, 0]
+            saliency = session.run([exported.OUTPUT], {exported.INPUT: x})[0][0, 0]
         return postprocess(saliency, image.shape[:2])
 
 

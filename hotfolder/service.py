@@ -23,8 +23,6 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-import torch
-
 from hotfolder import __version__, handoff, names, publish
 from hotfolder.collect import STOP
 from hotfolder.config import Config, InboxConfig
@@ -313,6 +311,8 @@ class Service:
             return False
         self.inboxes.stop()
         if self.engine.device.type == "cuda":
+            import torch  # only a GPU's engine has loaded it; ONNX Runtime's CPU engine never does
+
             peak = torch.cuda.max_memory_allocated(str(self.engine.device))
             log.info("peak GPU memory %d MiB", peak // 2**20)
         log.info("stopped cleanly")

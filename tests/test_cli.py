@@ -337,3 +337,23 @@ def test_matte_on_the_cpu_imports_no_pytorch_once_the_model_is_exported(tmp_path
     assert matte("first.png") == "True 0"  # exported, with PyTorch
     assert matte("second.png") == "False 0"
     assert corpus.load(tmp_path / "second.png")[1].shape == (300, 451, 4)
+
+
+def test_a_daemon_on_the_cpu_imports_no_pytorch_once_the_model_is_exported(
+    site: Site, photos: dict[str, np.ndarray], onnx_cache: Path
+) -> None:
+    """A restarted daemon on the CPU is serving again without PyTorch's import (and its
+    hundreds of MB of memory) once its model is exported."""
+    from hotfolder import exported
+
+    exported.onnx_model("u2netp", WEIGHTS, onnx_cache)  # exported by now, for this session
+    model = {"weights": str(WEIGHTS), "device": "cpu", "onnx_cache": str(onnx_cache)}
+    site.write_config(model=model)
+    corpus.write(site.inbox, "p.jpg", photo_jpegs(photos, 1)[0])
+    command = [sys.executable, "-c", MATTE_AND_SAY_IF_TORCH_LOADED, "run", "--once", "-q"]
+    result = subprocess.run(
+        [*command, "-c", str(site.config)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    assert result.stdout.strip() == "False 0", result.stderr
+    assert site.files(site.outbox) == ["p.mask.png", "p.png"]

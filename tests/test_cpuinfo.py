@@ -57,6 +57,19 @@ def test_a_gpu_is_present_only_where_the_driver_lists_one(tmp_path: Path) -> Non
     assert cpuinfo.nvidia_gpu_present(gpus)
 
 
+@pytest.mark.parametrize("visible", ["", "-1", "-1,0"])
+def test_gpus_hidden_from_cuda_are_not_present(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, visible: str
+) -> None:
+    """A CPU daemon on a GPU server, its GPUs hidden from it as CUDA lets one hide them, runs
+    on the CPU: ``device: auto`` must not count them."""
+    (tmp_path / "0000:17:00.0").mkdir()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert not cpuinfo.nvidia_gpu_present(tmp_path)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert cpuinfo.nvidia_gpu_present(tmp_path)
+
+
 def test_the_vector_instruction_set_is_the_one_pytorch_uses() -> None:
     import torch
 

@@ -4,6 +4,7 @@ CPU start without PyTorch."""
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -115,6 +116,44 @@ def test_a_damaged_export_is_exported_again(
     assert engine.predict([np.zeros((40, 30, 3), np.uint8)])[0].shape == (40, 30)
 
 
+def test_a_cached_graph_of_another_model_is_exported_again(
+    onnx_cache: Path, rembg_onnx: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A graph in the cache under these weights' name that is not their export (another
+    program's model, or the export of other weights copied over it) is never run."""
+    from safetensors.torch import load_file, save_file
+
+    ours = exported.onnx_model("u2netp", WEIGHTS, onnx_cache)  # exported by now, for this session
+    other = tmp_path / "other.safetensors"
+    tensors = load_file(WEIGHTS)
+    name = next(iter(tensors))
+    save_file({**tensors, name: tensors[name] + 0.01}, other)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for weights, foreign in ((WEIGHTS, rembg_onnx.read_bytes()), (other, ours)):
+        kept = exported.cache_path("u2netp", weights, cache)
+        kept.write_bytes(foreign)
+        caplog.clear()
+        engine = OnnxEngine("u2netp", weights, cache, cpu_threads=1)
+        engine.setup(warm_up=False)
+        assert f"the exported model {kept} is not this model's" in caplog.text
+        assert kept.read_bytes() != foreign
+        assert engine.predict([np.zeros((40, 30, 3), np.uint8)])[0].shape == (40, 30)
+    assert exported.onnx_model("u2netp", WEIGHTS, cache) == ours
+
+
+def test_a_cached_name_that_is_no_file_is_exported_over(
+    onnx_cache: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A FIFO under the graph's name would block a start forever, without a word."""
+    exported.onnx_model("u2netp", WEIGHTS, onnx_cache)  # exported by now, for this session
+    kept = exported.cache_path("u2netp", WEIGHTS, tmp_path)
+    os.mkfifo(kept)
+    OnnxEngine("u2netp", WEIGHTS, tmp_path, cpu_threads=1).setup(warm_up=False)
+    assert f"cannot read the exported model {kept} (not a regular file)" in caplog.text
+    assert kept.read_bytes() == exported.cache_path("u2netp", WEIGHTS, onnx_cache).read_bytes()
+
+
 def test_a_cache_that_cannot_be_written_costs_only_time(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -167,9 +206,10 @@ def test_auto_is_onnx_runtime_for_fp32_on_the_cpu(monkeypatch: pytest.MonkeyPatc
         ({"runtime": "tensorrt"}, "model.runtime: 'tensorrt' is not one of auto, torch, onnx"),
         ({"runtime": "onnxruntime", "device": "cuda"}, "onnxruntime runs on the CPU"),
         ({"runtime": "onnxruntime", "precision": "bf16"}, "'bf16' needs torch"),
+        ({"runtime": "onnxruntime", "compile": True}, "model.compile is torch.compile: it needs"),
     ],
 )
-def test_impossible_runtimes_are_refused(settings: dict[str, str], message: str) -> None:
+def test_impossible_runtimes_are_refused(settings: dict[str, object], message: str) -> None:
     with pytest.raises(config.ConfigError, match=message):
         model(**settings)
 

@@ -15,8 +15,6 @@ import time
 from collections import deque
 from dataclasses import replace
 
-import torch
-
 from hotfolder import config, memory, names, roots
 from hotfolder.claims import Claim
 from hotfolder.inboxes import Inbox
@@ -175,6 +173,8 @@ class Intake:
         memory.release_free_memory()  # photos of many sizes fragment the heap
         engine = pipeline.engine
         if engine.device.type == "cuda":
+            import torch  # only a GPU's engine has loaded it; ONNX Runtime's CPU engine never does
+
             gpu = engine.device
             pipeline.metrics.gpu_memory.labels("allocated").set(
                 torch.cuda.memory_allocated(str(gpu))
