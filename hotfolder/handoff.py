@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from hotfolder import publish
+from hotfolder import publish, runtime
 
 if TYPE_CHECKING:
     from hotfolder.config import ModelConfig
@@ -87,7 +87,7 @@ def model_identity(model: ModelConfig) -> dict[str, object]:
         "weights": [str(weights), *version],
         "device": model.device,
         "precision": model.precision,
-        "runtime": model.runtime,
+        "runtime": runtime.choose(model),  # as resolved: auto and its choice are the same model
         "flip_average": model.flip_average,
     }
 
