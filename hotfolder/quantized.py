@@ -58,7 +58,9 @@ def cache_path(arch: str, weights: Path, cache: Path) -> Path:
 
 def onnx_model(arch: str, weights: Path, cache: Path, refresh: bool = False) -> bytes:
     """The serialized int8-mixed graph of ``arch`` with ``weights``: from ``cache`` when it is
-    there (unless ``refresh``), else built from the fp32 graph (seconds) and kept there.
+    there (unless ``refresh``), else built from the fp32 graph and kept there (seconds; ONNX
+    Runtime's quantization tools import PyTorch where it is installed, so only later starts
+    are without it).
     Raises QuantizeError for a model other than u2netp, and what exported.onnx_model raises."""
     if arch != ARCH:
         raise QuantizeError(f"{PRECISION} is made for {ARCH} only, not {arch}")

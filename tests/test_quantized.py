@@ -76,6 +76,34 @@ def test_the_build_is_kept_and_named_by_its_format(
     assert f"; {cpuinfo.describe()})" in caplog.text
 
 
+START = """
+import sys
+from pathlib import Path
+import numpy as np
+from hotfolder.onnxengine import OnnxEngine
+engine = OnnxEngine("u2netp", Path(sys.argv[1]), Path(sys.argv[2]), precision="int8-mixed")
+engine.setup(warm_up=False)
+engine.predict([np.zeros((100, 80, 3), np.uint8)])
+print("torch" in sys.modules)
+"""
+
+
+def test_later_starts_never_import_pytorch(tmp_path: Path) -> None:
+    """The build imports PyTorch (the export does, and ONNX Runtime's quantization tools
+    import it where it is installed); starts from the kept graph do not."""
+
+    def start() -> bool:
+        result = subprocess.run(
+            [sys.executable, "-c", START, str(WEIGHTS), str(tmp_path)],
+            cwd=ROOT, capture_output=True, text=True, check=True, timeout=300,
+        )  # fmt: skip
+        return result.stdout.strip() == "True"
+
+    assert start()
+    assert quantized.cache_path("u2netp", WEIGHTS, tmp_path).is_file()
+    assert not start()
+
+
 def test_the_ranges_are_the_ones_built_in(onnx_cache: Path, int8_engine: OnnxEngine) -> None:
     """The graph's activation scales are those of RANGES, not of the blank calibration input."""
     graph = onnx.load_from_string(
