@@ -3,7 +3,9 @@
     nice python bench/cpu_paths.py --eval ../shared/eval --out cpu_paths.json
 
 Forms: ``onnxruntime`` (the engine for fp32 on the CPU, hotfolder/onnxengine.py: the model
-exported to ONNX Runtime, with its own pre- and post-processing in Pillow and OpenCV), and from
+exported to ONNX Runtime, with its own pre- and post-processing in Pillow and OpenCV),
+``onnxruntime-int8-mixed`` (the same engine with ``model.precision: int8-mixed``,
+hotfolder/quantized.py), and from
 hotfolder/cpupaths.py ``frozen`` (TorchScript, traced and frozen for oneDNN's fused
 kernels), ``bf16`` (bf16 autocast everywhere), ``bf16-edges`` (all but the first and last stages in
 bf16: those, the side outputs and their fusion in fp32), ``bf16-mixed`` (the engine's: only the two
@@ -28,23 +30,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hotfolder import config, cpupaths, evaluate, exported, imaging, models, onnxengine
+from hotfolder import config, cpupaths, evaluate, exported, imaging, models, onnxengine, quantized
 from hotfolder.engine import MattingEngine
 from hotfolder.onnxengine import OnnxEngine
 from hotfolder.runtime import Engine
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "weights" / "u2netp.safetensors"
-FORMS = ("fp32", "onnxruntime", "frozen", "bf16", "bf16-edges", "bf16-mixed")
+FORMS = (
+    "fp32", "onnxruntime", "onnxruntime-int8-mixed", "frozen", "bf16", "bf16-edges", "bf16-mixed",
+)  # fmt: skip
 ONNX_CACHE = config.default_onnx_cache()
 
 
 class OnnxRuntimeForm(torch.nn.Module):
-    """The model exported to ONNX Runtime, on one thread, in a PyTorch model's place."""
+    """The model exported to ONNX Runtime (in ``precision``: fp32 or int8-mixed), on one
+    thread, in a PyTorch model's place."""
 
-    def __init__(self) -> None:
+    def __init__(self, precision: str = "fp32") -> None:
         super().__init__()
-        self.session = onnxengine.session(exported.onnx_model("u2netp", WEIGHTS, ONNX_CACHE), 1)
+        self.precision = precision
+        int8 = precision == quantized.PRECISION
+        build = quantized.onnx_model if int8 else exported.onnx_model
+        self.session = onnxengine.session(build("u2netp", WEIGHTS, ONNX_CACHE), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.session.run(None, {"input": x.contiguous().numpy()})[0])
@@ -59,6 +67,8 @@ def build(form: str) -> torch.nn.Module:
     keep = {"bf16": (), "bf16-edges": EDGES, "bf16-mixed": cpupaths.KEEP_FP32}
     if form == "onnxruntime":
         return OnnxRuntimeForm()
+    if form == "onnxruntime-int8-mixed":
+        return OnnxRuntimeForm(quantized.PRECISION)
     if form == "frozen":
         return cpupaths.frozen(model, example)
     if form in keep:
@@ -68,9 +78,9 @@ def build(form: str) -> torch.nn.Module:
 
 def engine_with(model: torch.nn.Module) -> Engine:
     """An fp32 engine (its pre- and post-processing) running ``model`` instead of its own; for
-    ``onnxruntime`` the ONNX Runtime engine itself, as it runs on one core."""
+    the ``onnxruntime`` forms the ONNX Runtime engine itself, as it runs on one core."""
     if isinstance(model, OnnxRuntimeForm):
-        onnx = OnnxEngine("u2netp", WEIGHTS, ONNX_CACHE, cpu_threads=1)
+        onnx = OnnxEngine("u2netp", WEIGHTS, ONNX_CACHE, cpu_threads=1, precision=model.precision)
         onnx.setup(warm_up=False)
         return onnx
     engine = MattingEngine("u2netp", WEIGHTS, "cpu", "fp32", cpu_threads=1)

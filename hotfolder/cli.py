@@ -226,8 +226,9 @@ def make_engine(
             from hotfolder.onnxengine import OnnxEngine
 
             engine = OnnxEngine(
-                model.name, model.weights, model.onnx_cache, flip, model.cpu_threads
-            )
+                model.name, model.weights, model.onnx_cache, flip, model.cpu_threads,
+                model.precision,
+            )  # fmt: skip
         else:
             from hotfolder.engine import MattingEngine
 

@@ -156,6 +156,9 @@ def parse(raw: Any, base: Path, source: Path | None = None) -> Config:
     )
 
 
+# int8-mixed: u2netp's costliest convolutions in int8 on ONNX Runtime (hotfolder/quantized.py).
+INT8_MIXED = "int8-mixed"
+PRECISIONS = ("auto", "fp32", "fp16", "bf16", "bf16-mixed", INT8_MIXED)
 MODEL_KEYS = {
     "name", "weights", "device", "precision", "flip_average", "cpu_threads", "cuda_graphs",
     "compile", "compile_cache", "runtime", "onnx_cache",
@@ -171,14 +174,17 @@ def _model(raw: Any, base: Path) -> ModelConfig:
         raise ConfigError(f"model.name: {name!r} is not one of {', '.join(MODELS)}")
     weights = section.get("weights", str(default_weights(name)))
     precision = _get(section, "model.precision", str, defaults.precision)
-    if precision not in ("auto", "fp32", "fp16", "bf16", "bf16-mixed"):
-        raise ConfigError(
-            f"model.precision: {precision!r} is not one of auto, fp32, fp16, bf16, bf16-mixed"
-        )
+    if precision not in PRECISIONS:
+        raise ConfigError(f"model.precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
     device = _get(section, "model.device", str, defaults.device)
     compile_ = _get(section, "model.compile", bool, defaults.compile)
     runtime = _get(section, "model.runtime", str, defaults.runtime)
     _check_runtime(runtime, device, precision, compile_)
+    if precision == INT8_MIXED and name != "u2netp":
+        raise ConfigError(
+            f"model.precision: {INT8_MIXED} is made for u2netp only; model {name!r} runs fp32 "
+            "on the CPU"
+        )
     return ModelConfig(
         name=name,
         weights=_path(weights, "model.weights", base),
@@ -203,11 +209,21 @@ def _check_runtime(runtime: str, device: str, precision: str, compile_: bool) ->
         raise ConfigError(f"model.runtime: {runtime!r} is not one of auto, torch, onnxruntime")
     if runtime == "onnxruntime" and device not in ("auto", "cpu"):
         raise ConfigError(f"model.runtime: onnxruntime runs on the CPU; model.device is {device!r}")
-    if runtime == "onnxruntime" and precision not in ("auto", "fp32"):
+    if runtime == "onnxruntime" and precision not in ("auto", "fp32", INT8_MIXED):
         raise ConfigError(
-            f"model.runtime: onnxruntime runs fp32; model.precision {precision!r} needs torch"
+            f"model.runtime: onnxruntime runs fp32 or {INT8_MIXED}; model.precision "
+            f"{precision!r} needs torch"
         )
-    if runtime == "onnxruntime" and compile_:
+    if precision == INT8_MIXED and runtime == "torch":
+        raise ConfigError(
+            f"model.precision: {INT8_MIXED} runs on ONNX Runtime; set model.runtime to auto or "
+            "onnxruntime"
+        )
+    if precision == INT8_MIXED and device not in ("auto", "cpu"):
+        raise ConfigError(
+            f"model.precision: {INT8_MIXED} is for the CPU; model.device is {device!r}"
+        )
+    if (runtime == "onnxruntime" or precision == INT8_MIXED) and compile_:
         raise ConfigError(
             "model.runtime: onnxruntime runs its own graph; model.compile is torch.compile: it "
             "needs torch (or set compile: false)"

@@ -2,7 +2,8 @@
 
 Same contract and same mattes as :class:`hotfolder.engine.MattingEngine` on the CPU (within two
 levels: Pillow resizes in fixed point, PyTorch in float), in fp32, from the same safetensors
-weights (exported once, see :mod:`hotfolder.exported`). On the 2-core AVX2 development machine
+weights (exported once, see :mod:`hotfolder.exported`); or, asked for, in the int8-mixed form of
+:mod:`hotfolder.quantized` (u2netp only). On the 2-core AVX2 development machine
 the model alone takes 0.59 s per 320×320 image on one thread against PyTorch's 0.71 s, and a
 one-shot command starts without PyTorch's 1.6 s import.
 
@@ -26,7 +27,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from hotfolder import cpuinfo, exported
+from hotfolder import cpuinfo, exported, quantized
 from hotfolder.runtime import EngineError
 from hotfolder.turns import Turns
 
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 RUNTIME = "onnxruntime"
 INPUT_SIZE = 320  # models.INPUT_SIZE, without importing PyTorch
+PRECISIONS = ("auto", "fp32", quantized.PRECISION)
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
@@ -54,7 +56,6 @@ class OnnxEngine:
     when the model cannot be loaded or exported."""
 
     runtime = RUNTIME
-    precision = "fp32"
     device = HostCPU()
 
     def __init__(
@@ -64,8 +65,16 @@ class OnnxEngine:
         cache: Path,
         flip_average: bool = False,
         cpu_threads: int = 0,
+        precision: str = "fp32",
     ) -> None:
+        if precision not in PRECISIONS:
+            raise EngineError(
+                f"model.precision: {precision!r} on ONNX Runtime is not one of "
+                f"{', '.join(PRECISIONS)}"
+            )
         self.arch = arch
+        # "auto" is fp32 here: int8-mixed changes the mattes (slightly), so it is asked for.
+        self.precision = "fp32" if precision == "auto" else precision
         self.weights = weights
         self.cache = cache
         self.flip_average = flip_average
@@ -100,8 +109,8 @@ class OnnxEngine:
             self.predict([blank] * self.cpu_threads)
         self.warmup_seconds = time.perf_counter() - started
         log.info(
-            "model %s loaded on cpu (fp32, ONNX Runtime %s; %s) in %.2f s, warm-up %.2f s",
-            self.arch, ort.__version__, cpuinfo.describe(), self.load_seconds,
+            "model %s loaded on cpu (%s, ONNX Runtime %s; %s) in %.2f s, warm-up %.2f s",
+            self.arch, self.precision, ort.__version__, cpuinfo.describe(), self.load_seconds,
             self.warmup_seconds,
         )  # fmt: skip
 
@@ -121,16 +130,20 @@ class OnnxEngine:
     def _load(self) -> tuple[Any, bytes]:
         """The graph's session on every core, and the graph. A cached graph that ONNX Runtime
         cannot load (damaged since it was written), or that is not this model's, is exported
-        again."""
+        (and quantized) again."""
         try:
             digest = exported.weights_digest(self.weights)
         except OSError as exc:
             raise EngineError(f"model {self.arch}: {exc}") from exc
-        path = exported.cache_path(self.arch, self.weights, self.cache, digest)
+        int8 = self.precision == quantized.PRECISION
+        path = (quantized if int8 else exported).cache_path(
+            self.arch, self.weights, self.cache, digest
+        )
+        build = quantized.onnx_model if int8 else exported.onnx_model
         for refresh in (False, True):
             try:
-                model = exported.onnx_model(self.arch, self.weights, self.cache, refresh, digest)
-            except (OSError, exported.ExportError) as exc:
+                model = build(self.arch, self.weights, self.cache, refresh, digest)
+            except (OSError, exported.ExportError, quantized.QuantizeError) as exc:
                 raise EngineError(f"model {self.arch}: {exc}") from exc
             try:
                 alone = session(model, self.cpu_threads)

@@ -3,7 +3,7 @@
 Two engines keep one contract (LitServe's: ``setup()`` loads and warms, ``predict(images)`` does
 the tensor work): :class:`hotfolder.engine.MattingEngine` on PyTorch, for GPUs and the CPU
 precisions only it has, and :class:`hotfolder.onnxengine.OnnxEngine` on ONNX Runtime, for fp32 on
-the CPU, where it is faster and starts without importing PyTorch.
+the CPU, where it is faster and starts without importing PyTorch, and for int8-mixed.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from hotfolder import cpuinfo
-from hotfolder.config import ModelConfig
+from hotfolder.config import INT8_MIXED, ModelConfig
 
 TORCH = "torch"
 ONNXRUNTIME = "onnxruntime"
@@ -62,9 +62,12 @@ def on_cpu(model: ModelConfig) -> bool:
 
 def choose(model: ModelConfig) -> str:
     """The runtime for ``model``: as configured, or for ``auto`` ONNX Runtime wherever the model
-    runs in fp32 on the CPU (measured faster than PyTorch there, and the same mattes), PyTorch
-    everywhere else (GPUs, bf16 forms, torch.compile)."""
+    runs in fp32 on the CPU (measured faster than PyTorch there, and the same mattes) and for
+    int8-mixed (ONNX Runtime's alone), PyTorch everywhere else (GPUs, bf16 forms,
+    torch.compile)."""
     if model.runtime != "auto":
         return model.runtime
+    if model.precision == INT8_MIXED:
+        return ONNXRUNTIME
     fp32 = model.precision in ("auto", "fp32")
     return ONNXRUNTIME if on_cpu(model) and fp32 and not model.compile else TORCH

@@ -49,7 +49,7 @@ def parse(tmp_path: Path, text: str) -> config.Config:
         ("batching: {max_wait_ms: true}", "batching.max_wait_ms: expected int, got True"),
         (
             "model: {precision: fp8}",
-            "model.precision: 'fp8' is not one of auto, fp32, fp16, bf16, bf16-mixed",
+            "model.precision: 'fp8' is not one of auto, fp32, fp16, bf16, bf16-mixed, int8-mixed",
         ),
         ("model: {cpu_threads: -1}", "model.cpu_threads: must be 0 or more, got -1"),
         ("metrics: {thumbnails_mb: -1}", "metrics.thumbnails_mb: must be 0 or more, got -1"),

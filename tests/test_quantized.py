@@ -1,0 +1,202 @@
+"""The int8-mixed form on ONNX Runtime: mattes close to fp32's (and not fp32's), built from the
+shipped ranges, kept in the cache, asked for only where it can run."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from hotfolder import config, cpuinfo, evaluate, imaging, quantized, runtime
+from hotfolder.onnxengine import OnnxEngine
+from hotfolder.runtime import EngineError
+
+from . import corpus
+from .conftest import ROOT, WEIGHTS
+
+LIMIT_255 = 2.0  # largest mean |Δ| per matte to fp32's, in 1/255
+
+
+@pytest.fixture(scope="module")
+def int8_engine(onnx_cache: Path) -> OnnxEngine:
+    engine = OnnxEngine("u2netp", WEIGHTS, onnx_cache, cpu_threads=2, precision="int8-mixed")
+    engine.setup()
+    return engine
+
+
+def mean_deltas(ours: list[np.ndarray], theirs: list[np.ndarray]) -> list[float]:
+    """Per matte, the mean |Δ| in 1/255."""
+    return [float(np.abs(a.astype(np.int16) - b).mean()) for a, b in zip(ours, theirs, strict=True)]
+
+
+def test_mattes_are_fp32s_within_two_levels_but_not_the_same(
+    int8_engine: OnnxEngine, onnx_engine: OnnxEngine, photos: dict[str, np.ndarray]
+) -> None:
+    images = list(photos.values())
+    ours, theirs = int8_engine.predict(images), onnx_engine.predict(images)
+    assert [a.shape for a in ours] == [image.shape[:2] for image in images]
+    deltas = mean_deltas(ours, theirs)
+    assert max(deltas) <= LIMIT_255, deltas
+    assert min(deltas) > 0, deltas  # the int8 graph, not the fp32 one, computed them
+    assert int8_engine.precision == "int8-mixed"
+
+
+def test_exactly_the_four_convolutions_are_int8(onnx_cache: Path, int8_engine: OnnxEngine) -> None:
+    graph = onnx.load_from_string(
+        quantized.cache_path("u2netp", WEIGHTS, onnx_cache).read_bytes()
+    ).graph
+    made_by = {output: node for node in graph.node for output in node.output}
+    int8 = {
+        node.name
+        for node in graph.node
+        if node.op_type == "Conv"
+        and getattr(made_by.get(node.input[1]), "op_type", "") == "DequantizeLinear"
+    }
+    assert int8 == set(quantized.RANGES)
+    assert sum(node.op_type == "Conv" for node in graph.node) > 100  # the rest stays fp32
+
+
+def test_the_build_is_kept_and_named_by_its_format(
+    onnx_cache: Path, int8_engine: OnnxEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    kept = quantized.cache_path("u2netp", WEIGHTS, onnx_cache)
+    assert kept.name.endswith(f"-int8-mixed-q{quantized.FORMAT}.onnx")
+    assert kept.stat().st_mode & 0o777 == 0o644
+    caplog.set_level(logging.INFO, logger="hotfolder")
+    OnnxEngine("u2netp", WEIGHTS, onnx_cache, cpu_threads=1, precision="int8-mixed").setup(
+        warm_up=False
+    )
+    assert "building the int8-mixed form" not in caplog.text  # loaded from the cache
+    assert "loaded on cpu (int8-mixed, ONNX Runtime 1." in caplog.text
+    assert f"; {cpuinfo.describe()})" in caplog.text
+
+
+START = """
+import sys
+from pathlib import Path
+import numpy as np
+from hotfolder.onnxengine import OnnxEngine
+engine = OnnxEngine("u2netp", Path(sys.argv[1]), Path(sys.argv[2]), precision="int8-mixed")
+engine.setup(warm_up=False)
+engine.predict([np.zeros((100, 80, 3), np.uint8)])
+print("torch" in sys.modules)
+"""
+
+
+def test_later_starts_never_import_pytorch(tmp_path: Path) -> None:
+    """The build imports PyTorch (the export does, and ONNX Runtime's quantization tools
+    import it where it is installed); starts from the kept graph do not."""
+
+    def start() -> bool:
+        result = subprocess.run(
+            [sys.executable, "-c", START, str(WEIGHTS), str(tmp_path)],
+            cwd=ROOT, capture_output=True, text=True, check=True, timeout=300,
+        )  # fmt: skip
+        return result.stdout.strip() == "True"
+
+    assert start()
+    assert quantized.cache_path("u2netp", WEIGHTS, tmp_path).is_file()
+    assert not start()
+
+
+def test_the_ranges_are_the_ones_built_in(onnx_cache: Path, int8_engine: OnnxEngine) -> None:
+    """The graph's activation scales are those of RANGES, not of the blank calibration input."""
+    graph = onnx.load_from_string(
+        quantized.cache_path("u2netp", WEIGHTS, onnx_cache).read_bytes()
+    ).graph
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    made_by = {output: node for node in graph.node for output in node.output}
+    for node in graph.node:
+        if node.name not in quantized.RANGES:
+            continue
+        dequantize = made_by[node.input[0]]
+        scale, zero_point = (values[name] for name in dequantize.input[1:3])
+        (_, high), _ = quantized.RANGES[node.name]
+        assert int(zero_point) == 0  # inputs are Relu or concatenated Relu outputs: ≥ 0
+        assert float(scale) == pytest.approx(high / 255, rel=1e-6)
+
+
+def test_other_models_and_precisions_are_refused(tmp_path: Path) -> None:
+    other = OnnxEngine("u2net", WEIGHTS, tmp_path, precision="int8-mixed")
+    with pytest.raises(EngineError, match="int8-mixed is made for u2netp only"):
+        other.setup()
+    with pytest.raises(EngineError, match="'bf16' on ONNX Runtime is not one of"):
+        OnnxEngine("u2netp", WEIGHTS, tmp_path, precision="bf16")
+    assert not list(tmp_path.iterdir())  # nothing kept
+
+
+def model(**settings: object) -> config.ModelConfig:
+    return config.parse({"model": settings}, base=Path.cwd()).model
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"runtime": "torch"}, "int8-mixed runs on ONNX Runtime; set model.runtime to auto"),
+        ({"device": "cuda"}, "int8-mixed is for the CPU; model.device is 'cuda'"),
+        ({"runtime": "onnxruntime", "device": "cuda:0"}, "onnxruntime runs on the CPU"),
+        ({"name": "u2net"}, "int8-mixed is made for u2netp only; model 'u2net'"),
+    ],
+)
+def test_impossible_int8_settings_are_refused(settings: dict[str, str], message: str) -> None:
+    with pytest.raises(config.ConfigError, match=message):
+        model(precision="int8-mixed", **settings)
+
+
+def test_int8_mixed_runs_on_onnx_runtime_and_auto_stays_fp32(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert runtime.choose(model(precision="int8-mixed")) == runtime.ONNXRUNTIME
+    assert runtime.choose(model(precision="int8-mixed", runtime="onnxruntime")) == "onnxruntime"
+    assert model().precision == "auto"
+    assert OnnxEngine("u2netp", WEIGHTS, Path("unused")).precision == "fp32"
+    assert OnnxEngine("u2netp", WEIGHTS, Path("unused"), precision="auto").precision == "fp32"
+    monkeypatch.setattr(cpuinfo, "nvidia_gpu_present", lambda: True)  # a GPU server
+    assert runtime.choose(model(precision="int8-mixed")) == runtime.ONNXRUNTIME
+
+
+def scores(pairs: list[evaluate.Pair], alphas: list[np.ndarray]) -> dict[str, float]:
+    """``hotfolder eval``'s metrics of ``alphas`` for ``pairs``."""
+    truths = [evaluate.read_truth(pair.truth) for pair in pairs]
+    if all(pair.soft for pair in pairs):
+        per_image = [evaluate.soft_alpha_scores(a, t) for a, t in zip(alphas, truths, strict=True)]
+        return {name: float(np.mean([s[name] for s in per_image])) for name in per_image[0]}
+    return evaluate.mask_scores(alphas, truths)
+
+
+@pytest.mark.parametrize("dataset", ["alphamatting_lowres", "sod_bsds"])
+def test_eval_scores_are_fp32s_within_one_percent(
+    int8_engine: OnnxEngine, onnx_engine: OnnxEngine, shared_eval: Path, dataset: str
+) -> None:
+    pairs = evaluate.read_pairs(shared_eval / dataset)
+    ours: list[np.ndarray] = []
+    theirs: list[np.ndarray] = []
+    for start in range(0, len(pairs), 8):
+        pictures = [imaging.decode(p.image.read_bytes()).rgb for p in pairs[start : start + 8]]
+        ours += int8_engine.predict(pictures)
+        theirs += onnx_engine.predict(pictures)
+    assert max(mean_deltas(ours, theirs)) <= LIMIT_255
+    int8, fp32 = scores(pairs, ours), scores(pairs, theirs)
+    assert len(fp32) >= 3
+    for name, value in fp32.items():
+        assert int8[name] == pytest.approx(value, rel=0.01), name
+
+
+def test_the_matte_command_runs_int8_mixed_when_configured(tmp_path: Path) -> None:
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(f"model: {{precision: int8-mixed, onnx_cache: {tmp_path / 'cache'}}}\n")
+    out = tmp_path / "chelsea.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "hotfolder", "matte", "-c", str(config_file),
+         str(ROOT / "samples" / "chelsea.jpg"), str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "loaded on cpu (int8-mixed, ONNX Runtime" in result.stderr
+    assert quantized.cache_path("u2netp", WEIGHTS, tmp_path / "cache").is_file()
+    assert corpus.load(out)[1].shape == (300, 451, 4)
