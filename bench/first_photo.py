@@ -55,15 +55,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--skip-rembg", action="store_true")
     parser.add_argument("--torch", action="store_true", help="add matte on PyTorch, no daemon")
+    parser.add_argument("--precision", default="auto", help="model.precision of daemon and matte")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         photos = make_photos(work / "photos", 16, 1.0)
         config = write_config(work, "cpu", 16, 0)
-        on_torch = work / "torch.yaml"
         settings = yaml.safe_load(config.read_text())
-        settings["model"]["runtime"] = "torch"
+        settings["model"]["precision"] = args.precision
+        config.write_text(yaml.safe_dump(settings))
+        on_torch = work / "torch.yaml"
+        settings["model"].update(runtime="torch", precision="fp32")
         on_torch.write_text(yaml.safe_dump(settings))
         cases = ["matte, no daemon", "matte, daemon running", "rembg"]
         cases += ["matte, no daemon, PyTorch"] if args.torch else []

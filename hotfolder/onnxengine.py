@@ -73,7 +73,8 @@ class OnnxEngine:
                 f"{', '.join(PRECISIONS)}"
             )
         self.arch = arch
-        # "auto" is fp32 here: int8-mixed changes the mattes (slightly), so it is asked for.
+        self.asked = precision
+        # "auto" is settled at setup(), from the weights and the CPU (:func:`quantized.suits`).
         self.precision = "fp32" if precision == "auto" else precision
         self.weights = weights
         self.cache = cache
@@ -135,6 +136,8 @@ class OnnxEngine:
             digest = exported.weights_digest(self.weights)
         except OSError as exc:
             raise EngineError(f"model {self.arch}: {exc}") from exc
+        if self.asked == "auto" and quantized.suits(self.arch, digest, cpuinfo.vector_isa()):
+            self.precision = quantized.PRECISION
         int8 = self.precision == quantized.PRECISION
         path = (quantized if int8 else exported).cache_path(
             self.arch, self.weights, self.cache, digest

@@ -12,7 +12,8 @@ are sensitive).
 The activation ranges are constants (:data:`RANGES`) measured once by
 ``bench/calibrate_int8.py``, so a build needs no calibration photos: the calibration ONNX
 Runtime's API asks for sees one blank input, and every range it would measure is replaced by
-ours. The graph is built once per weights file and kept next to the fp32 one.
+ours. The graph is built once per weights file and kept next to the fp32 one. ``precision:
+auto`` picks this form for the shipped weights on AVX2 and AVX-512 CPUs (:func:`suits`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,19 @@ RANGES: Ranges = {
     "/decoder.4/decoder.5/conv/Conv": ((0.0, 48.98515701293945), (0.0, 5.631294250488281)),
     "/decoder.4/encoder.0/conv/Conv": ((0.0, 5.553796768188477), (0.0, 11.599998474121094)),
 }
+
+# The sha256 of the weights the ranges were measured with: the shipped weights/u2netp.safetensors.
+# Other u2netp weights (fine-tuned ones) have other activations: ``auto`` keeps them in fp32.
+CALIBRATED_WEIGHTS = "2fb103d5c13807b75dc793a48b68949400d8e8637a96f8553390fe9b63f5f246"
+# Vector instruction sets the form was measured faster on (AVX2, 1.3×; AVX-512 VNNI computes the
+# int8 products natively). Older CPUs keep fp32 under ``auto``.
+FASTER_ON = ("AVX2", "AVX512")
+
+
+def suits(arch: str, digest: str, vector_isa: str) -> bool:
+    """Whether ``auto`` picks this form: for the weights of sha256 ``digest`` whose ranges
+    :data:`RANGES` are, on a CPU whose widest vector instruction set is ``vector_isa``."""
+    return arch == ARCH and digest == CALIBRATED_WEIGHTS and vector_isa in FASTER_ON
 
 
 class QuantizeError(Exception):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.resources
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -79,8 +80,29 @@ def rembg_onnx() -> Path:
     return Path(str(importlib.resources.files("rembg") / "u2netp.onnx"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The cache folder of every process the tests start (the service's ``CACHE_DIRECTORY``),
+    apart from the user's own: a daemon under test exports the model into it (see
+    :func:`warm_model_cache`)."""
+    cache = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CACHE_DIRECTORY", str(cache))
+        yield cache
+
+
+@pytest.fixture(scope="session")
+def warm_model_cache(model_cache: Path) -> Path:
+    """The model exported for ONNX Runtime, and its int8-mixed form, in the tests' cache
+    before a daemon starts: once per session, and not inside a daemon's start-up deadline."""
+    from hotfolder import config, quantized
+
+    quantized.onnx_model("u2netp", WEIGHTS, config.default_onnx_cache())
+    return model_cache
+
+
 @pytest.fixture
-def site(tmp_path: Path) -> Site:
+def site(tmp_path: Path, warm_model_cache: Path) -> Site:
     """Folders and a config for one daemon under this test's folder."""
     from .daemon import Site
 

@@ -344,9 +344,9 @@ def test_a_daemon_on_the_cpu_imports_no_pytorch_once_the_model_is_exported(
 ) -> None:
     """A restarted daemon on the CPU is serving again without PyTorch's import (and its
     hundreds of MB of memory) once its model is exported."""
-    from hotfolder import exported
+    from hotfolder import quantized
 
-    exported.onnx_model("u2netp", WEIGHTS, onnx_cache)  # exported by now, for this session
+    quantized.onnx_model("u2netp", WEIGHTS, onnx_cache)  # fp32 and int8-mixed, for `auto`
     model = {"weights": str(WEIGHTS), "device": "cpu", "onnx_cache": str(onnx_cache)}
     site.write_config(model=model)
     corpus.write(site.inbox, "p.jpg", photo_jpegs(photos, 1)[0])

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from safetensors.numpy import load_file, save_file
 
 from hotfolder import config, cpuinfo, evaluate, imaging, quantized, runtime
 from hotfolder.onnxengine import OnnxEngine
@@ -148,16 +149,36 @@ def test_impossible_int8_settings_are_refused(settings: dict[str, str], message:
         model(precision="int8-mixed", **settings)
 
 
-def test_int8_mixed_runs_on_onnx_runtime_and_auto_stays_fp32(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_int8_mixed_runs_on_onnx_runtime(monkeypatch: pytest.MonkeyPatch) -> None:
     assert runtime.choose(model(precision="int8-mixed")) == runtime.ONNXRUNTIME
     assert runtime.choose(model(precision="int8-mixed", runtime="onnxruntime")) == "onnxruntime"
-    assert model().precision == "auto"
     assert OnnxEngine("u2netp", WEIGHTS, Path("unused")).precision == "fp32"
-    assert OnnxEngine("u2netp", WEIGHTS, Path("unused"), precision="auto").precision == "fp32"
     monkeypatch.setattr(cpuinfo, "nvidia_gpu_present", lambda: True)  # a GPU server
     assert runtime.choose(model(precision="int8-mixed")) == runtime.ONNXRUNTIME
+
+
+def started(weights: Path, cache: Path) -> OnnxEngine:
+    engine = OnnxEngine("u2netp", weights, cache, cpu_threads=1, precision="auto")
+    engine.setup(warm_up=False)
+    return engine
+
+
+def test_auto_is_int8_mixed_only_for_the_calibrated_weights_on_avx2(
+    onnx_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if cpuinfo.vector_isa() not in quantized.FASTER_ON:
+        pytest.skip(f"a {cpuinfo.vector_isa()} CPU keeps fp32")
+    assert model().precision == "auto"
+    assert started(WEIGHTS, onnx_cache).precision == "int8-mixed"
+    # Fine-tuned weights of the same model: the shipped ranges are not theirs.
+    state = load_file(WEIGHTS)
+    name = next(iter(state))
+    state[name] = state[name] * 1.001
+    tuned = tmp_path / "tuned.safetensors"
+    save_file(state, tuned)
+    assert started(tuned, onnx_cache).precision == "fp32"
+    monkeypatch.setattr(cpuinfo, "vector_isa", lambda: "AVX")  # an older CPU
+    assert started(WEIGHTS, onnx_cache).precision == "fp32"
 
 
 def scores(pairs: list[evaluate.Pair], alphas: list[np.ndarray]) -> dict[str, float]:
