@@ -40,6 +40,7 @@ from hotfolder.engine import MattingEngine
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "u2netp"  # --model
 WEIGHTS = ROOT / "weights" / f"{MODEL}.safetensors"
+RUNTIME = {"runtime": "auto", "precision": "auto"}  # --runtime, --precision: the daemon's
 
 
 def make_photos(folder: Path, count: int, megapixels: float, varied: bool = False) -> list[Path]:
@@ -142,7 +143,7 @@ def write_config(work: Path, device: str, batch: int, workers: int) -> Path:
     inbox = work / "inbox"
     inbox.mkdir(parents=True)
     config = {
-        "model": {"name": MODEL, "weights": str(WEIGHTS), "device": device},
+        "model": {"name": MODEL, "weights": str(WEIGHTS), "device": device, **RUNTIME},
         "batching": {"max_batch_size": batch, "max_wait_ms": 20},
         "daemon": {"workers": workers},
         "journal": str(work / "journal.sqlite3"),
@@ -312,6 +313,8 @@ def main() -> None:
     parser.add_argument("--varied-sizes", action="store_true",
                         help="each photo a different size: 1/3 to 2x --megapixels")  # fmt: skip
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--runtime", default="auto", help="model.runtime of hotfolder run")
+    parser.add_argument("--precision", default="auto", help="model.precision of hotfolder run")
     parser.add_argument("--batch", type=int, default=0, help="0: 64 on a GPU, 16 on the CPU")
     parser.add_argument("--model-seconds", type=float, default=3.0)
     parser.add_argument("--workers", type=int, default=0, help="daemon.workers (0: per core)")
@@ -322,6 +325,7 @@ def main() -> None:
                         help="hotfolder's model (rembg always runs u2netp)")  # fmt: skip
     args = parser.parse_args()
     MODEL, WEIGHTS = args.model, ROOT / "weights" / f"{args.model}.safetensors"
+    RUNTIME.update(runtime=args.runtime, precision=args.precision)
     print(f"model: {MODEL} ({WEIGHTS})", flush=True)
     gpu = torch.cuda.is_available() and args.device != "cpu"
     batch = args.batch or (64 if gpu else 16)
