@@ -153,7 +153,7 @@ class OnnxEngine:
             except Exception as exc:  # ONNX Runtime raises several pybind11 types for a bad graph
                 problem = f"is damaged ({exc})"
             else:
-                wrong = exported.mismatch(alone, self.arch, digest)
+                wrong = exported.mismatch(alone, self.arch, digest, self.precision)
                 if wrong is None:
                     return alone, model
                 problem = f"is not this model's: {wrong}"

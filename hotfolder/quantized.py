@@ -28,8 +28,9 @@ from hotfolder.publish import write_atomic
 
 log = logging.getLogger(__name__)
 
-# Raised whenever the built graph changes (ranges, nodes, options), so older caches are unused.
-FORMAT = 1
+# Raised whenever the built graph changes (ranges, nodes, options, metadata), so older caches
+# are unused.
+FORMAT = 2
 PRECISION = "int8-mixed"
 ARCH = "u2netp"  # the node names below are this model's
 INPUT_SIZE = 320
@@ -103,14 +104,17 @@ def onnx_model(
 def quantize(fp32: bytes, ranges: Ranges | None = None) -> bytes:
     """The int8-mixed graph made from the fp32 graph ``fp32`` (input ``input`` (N, 3, 320,
     320) float32, output ``saliency``), with ``ranges`` (default :data:`RANGES`) as
-    ``TensorQuantOverrides``. Raises QuantizeError when the graph lacks one of the nodes or
-    cannot be quantized."""
+    ``TensorQuantOverrides``, naming its form in its metadata (``hotfolder.precision``).
+    Raises QuantizeError when the graph lacks one of the nodes or cannot be quantized."""
     try:
-        return build(fp32, RANGES if ranges is None else ranges)
+        graph = build(fp32, RANGES if ranges is None else ranges)
     except QuantizeError:
         raise
     except Exception as exc:  # ONNX and ONNX Runtime raise many types for a graph they refuse
         raise QuantizeError(f"cannot build the {PRECISION} form: {exc}") from exc
+    # The model and weights the export names are kept by the build; the form is added, so
+    # that the fp32 graph under this form's name is told apart (exported.mismatch).
+    return exported.with_metadata(graph, {exported.PRECISION_KEY: PRECISION})
 
 
 def build(fp32: bytes, ranges: Ranges) -> bytes:

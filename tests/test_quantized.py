@@ -13,7 +13,7 @@ import onnx
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from hotfolder import config, cpuinfo, evaluate, imaging, quantized, runtime
+from hotfolder import config, cpuinfo, evaluate, exported, imaging, quantized, runtime
 from hotfolder.onnxengine import OnnxEngine
 from hotfolder.runtime import EngineError
 
@@ -221,3 +221,26 @@ def test_the_matte_command_runs_int8_mixed_when_configured(tmp_path: Path) -> No
     assert "loaded on cpu (int8-mixed, ONNX Runtime" in result.stderr
     assert quantized.cache_path("u2netp", WEIGHTS, tmp_path / "cache").is_file()
     assert corpus.load(out)[1].shape == (300, 451, 4)
+
+
+def test_a_cached_graph_of_the_other_form_is_never_run_as_this_one(
+    onnx_cache: Path, int8_engine: OnnxEngine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The fp32 export under the int8-mixed name (or the reverse) names the same model and
+    weights: its form must be told apart too, else the log and ``hotfolder check`` announce
+    one form while the other runs."""
+    fp32 = exported.onnx_model("u2netp", WEIGHTS, onnx_cache)  # both built by now
+    int8 = quantized.onnx_model("u2netp", WEIGHTS, onnx_cache)
+    for precision, foreign in (("int8-mixed", fp32), ("fp32", int8)):
+        cache = tmp_path / precision
+        cache.mkdir()
+        (cache / exported.cache_path("u2netp", WEIGHTS, cache).name).write_bytes(fp32)
+        kept = (quantized if precision == "int8-mixed" else exported).cache_path(
+            "u2netp", WEIGHTS, cache
+        )
+        kept.write_bytes(foreign)
+        caplog.clear()
+        engine = OnnxEngine("u2netp", WEIGHTS, cache, cpu_threads=1, precision=precision)
+        engine.setup(warm_up=False)
+        assert f"{kept} is not this model's" in caplog.text, precision
+        assert kept.read_bytes() != foreign
