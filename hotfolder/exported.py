@@ -91,9 +91,12 @@ def read_file(path: Path) -> bytes:
     """The content of the regular file ``path``. Raises FileNotFoundError, and OSError for the
     rest, such as a FIFO or a device under that name (reading one could block a start
     forever, without a word)."""
-    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise OSError("not a regular file")
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    # Checked on the descriptor: open() would refuse a folder naming the descriptor, not it.
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise OSError("not a regular file")
+    with open(descriptor, "rb") as f:
         return f.read()
 
 

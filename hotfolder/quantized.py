@@ -90,14 +90,14 @@ def onnx_model(
         except FileNotFoundError:
             pass
         except OSError as exc:  # an unreadable cache only costs the build
-            log.warning("cannot read the %s model in %s (%s)", PRECISION, cache, exc)
+            log.warning("cannot read the %s model %s (%s)", PRECISION, path, exc)
     log.info("building the %s form of model %s (once per weights file)", PRECISION, arch)
     data = quantize(exported.onnx_model(arch, weights, cache, refresh, digest))
     try:
         write_atomic(path, data, mode=0o644)
     except OSError as exc:
-        log.warning("cannot keep the %s model in %s (%s); it is built again at each start",
-                    PRECISION, cache, exc)  # fmt: skip
+        log.warning("cannot keep the %s model as %s (%s); it is built again at each start",
+                    PRECISION, path, exc)  # fmt: skip
     return data
 
 

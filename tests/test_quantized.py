@@ -244,3 +244,18 @@ def test_a_cached_graph_of_the_other_form_is_never_run_as_this_one(
         engine.setup(warm_up=False)
         assert f"{kept} is not this model's" in caplog.text, precision
         assert kept.read_bytes() != foreign
+
+
+def test_a_cached_name_that_is_no_file_is_named_in_the_warning(
+    onnx_cache: Path, int8_engine: OnnxEngine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A folder under the int8-mixed graph's name: the warnings say which file, and why."""
+    fp32 = exported.cache_path("u2netp", WEIGHTS, onnx_cache)
+    (tmp_path / fp32.name).write_bytes(fp32.read_bytes())
+    kept = quantized.cache_path("u2netp", WEIGHTS, tmp_path)
+    kept.mkdir()
+    engine = OnnxEngine("u2netp", WEIGHTS, tmp_path, cpu_threads=1, precision="int8-mixed")
+    engine.setup(warm_up=False)
+    assert f"cannot read the int8-mixed model {kept} (not a regular file)" in caplog.text
+    assert f"cannot keep the int8-mixed model as {kept} (" in caplog.text
+    assert engine.predict([np.zeros((40, 30, 3), np.uint8)])[0].shape == (40, 30)
