@@ -146,7 +146,15 @@ class OnnxEngine:
         for refresh in (False, True):
             try:
                 model = build(self.arch, self.weights, self.cache, refresh, digest)
-            except (OSError, exported.ExportError, quantized.QuantizeError) as exc:
+            except quantized.QuantizeError as exc:
+                if refresh or self.arch != quantized.ARCH:
+                    raise EngineError(f"model {self.arch}: {exc}") from exc
+                # The kept fp32 export it is built from may be damaged: export it again.
+                source = exported.cache_path(self.arch, self.weights, self.cache, digest)
+                log.warning("cannot build the %s form from %s (%s); exporting it again",
+                            self.precision, source, exc)  # fmt: skip
+                continue
+            except (OSError, exported.ExportError) as exc:
                 raise EngineError(f"model {self.arch}: {exc}") from exc
             try:
                 alone = session(model, self.cpu_threads)

@@ -259,3 +259,19 @@ def test_a_cached_name_that_is_no_file_is_named_in_the_warning(
     assert f"cannot read the int8-mixed model {kept} (not a regular file)" in caplog.text
     assert f"cannot keep the int8-mixed model as {kept} (" in caplog.text
     assert engine.predict([np.zeros((40, 30, 3), np.uint8)])[0].shape == (40, 30)
+
+
+def test_a_damaged_export_is_exported_again_before_the_build(
+    onnx_cache: Path, int8_engine: OnnxEngine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The int8-mixed graph is built from the kept fp32 export: one damaged since it was
+    written is exported again, as it is for fp32, rather than refusing to start."""
+    fp32 = exported.cache_path("u2netp", WEIGHTS, onnx_cache)
+    damaged = tmp_path / fp32.name
+    damaged.write_bytes(fp32.read_bytes()[: fp32.stat().st_size // 2])  # cut short
+    engine = OnnxEngine("u2netp", WEIGHTS, tmp_path, cpu_threads=1, precision="int8-mixed")
+    engine.setup(warm_up=False)
+    assert f"cannot build the int8-mixed form from {damaged}" in caplog.text
+    assert damaged.read_bytes() == fp32.read_bytes()  # the export is deterministic
+    assert quantized.cache_path("u2netp", WEIGHTS, tmp_path).is_file()
+    assert engine.precision == "int8-mixed"
