@@ -73,12 +73,18 @@ def cache_path(arch: str, weights: Path, cache: Path, digest: str | None = None)
 
 
 def onnx_model(
-    arch: str, weights: Path, cache: Path, refresh: bool = False, digest: str | None = None
+    arch: str,
+    weights: Path,
+    cache: Path,
+    refresh: bool = False,
+    digest: str | None = None,
+    refresh_export: bool | None = None,
 ) -> bytes:
     """The serialized int8-mixed graph of ``arch`` with ``weights``: from ``cache`` when it is
     there (unless ``refresh``), else built from the fp32 graph and kept there (seconds; ONNX
     Runtime's quantization tools import PyTorch where it is installed, so only later starts
-    are without it).
+    are without it). The fp32 graph is exported again with ``refresh_export`` (default:
+    ``refresh``), else taken from the cache where it is.
     Raises QuantizeError for a model other than u2netp, and what exported.onnx_model raises."""
     if arch != ARCH:
         raise QuantizeError(f"{PRECISION} is made for {ARCH} only, not {arch}")
@@ -92,7 +98,8 @@ def onnx_model(
         except OSError as exc:  # an unreadable cache only costs the build
             log.warning("cannot read the %s model %s (%s)", PRECISION, path, exc)
     log.info("building the %s form of model %s (once per weights file)", PRECISION, arch)
-    data = quantize(exported.onnx_model(arch, weights, cache, refresh, digest))
+    export_again = refresh if refresh_export is None else refresh_export
+    data = quantize(exported.onnx_model(arch, weights, cache, export_again, digest))
     try:
         write_atomic(path, data, mode=0o644)
     except OSError as exc:

@@ -271,7 +271,26 @@ def test_a_damaged_export_is_exported_again_before_the_build(
     damaged.write_bytes(fp32.read_bytes()[: fp32.stat().st_size // 2])  # cut short
     engine = OnnxEngine("u2netp", WEIGHTS, tmp_path, cpu_threads=1, precision="int8-mixed")
     engine.setup(warm_up=False)
-    assert f"cannot build the int8-mixed form from {damaged}" in caplog.text
+    assert caplog.text.count(f"cannot build the int8-mixed form from {damaged}") == 1
     assert damaged.read_bytes() == fp32.read_bytes()  # the export is deterministic
     assert quantized.cache_path("u2netp", WEIGHTS, tmp_path).is_file()
     assert engine.precision == "int8-mixed"
+
+
+def test_a_damaged_graph_is_built_again_from_the_kept_export(
+    onnx_cache: Path, int8_engine: OnnxEngine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only the int8-mixed graph is made again: the kept export is sound, and exporting
+    imports PyTorch and takes seconds more."""
+    fp32 = exported.cache_path("u2netp", WEIGHTS, onnx_cache)
+    (tmp_path / fp32.name).write_bytes(fp32.read_bytes())
+    built = quantized.cache_path("u2netp", WEIGHTS, onnx_cache)
+    damaged = tmp_path / built.name
+    damaged.write_bytes(built.read_bytes()[: built.stat().st_size // 2])  # cut short
+    caplog.set_level(logging.INFO, logger="hotfolder")
+    engine = OnnxEngine("u2netp", WEIGHTS, tmp_path, cpu_threads=1, precision="int8-mixed")
+    engine.setup(warm_up=False)
+    assert f"the cached model {damaged} is damaged" in caplog.text
+    assert "building the int8-mixed form" in caplog.text
+    assert "exporting model" not in caplog.text
+    assert damaged.read_bytes() == built.read_bytes()  # the build is deterministic
