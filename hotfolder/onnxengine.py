@@ -137,8 +137,8 @@ class OnnxEngine:
             digest = exported.weights_digest(self.weights)
         except OSError as exc:
             raise EngineError(f"model {self.arch}: {exc}") from exc
-        if self.asked == "auto" and quantized.suits(self.arch, digest, cpuinfo.vector_isa()):
-            self.precision = quantized.PRECISION
+        if self.asked == "auto":
+            self.precision = self._auto(digest)
         int8 = self.precision == quantized.PRECISION
         path = (quantized if int8 else exported).cache_path(
             self.arch, self.weights, self.cache, digest
@@ -177,6 +177,21 @@ class OnnxEngine:
                 raise EngineError(f"model {self.arch}: the graph just exported {problem}")
             log.warning("the cached model %s %s; making it again", path, problem)
         raise AssertionError("unreachable")
+
+    def _auto(self, digest: str) -> str:
+        """The form ``precision: auto`` means for the weights of sha256 ``digest`` on this CPU,
+        with a word on why u2netp stays fp32 (the README promises int8-mixed on the CPU)."""
+        isa = cpuinfo.vector_isa()
+        if quantized.suits(self.arch, digest, isa):
+            return quantized.PRECISION
+        if self.arch == quantized.ARCH:
+            why = (
+                f"this CPU ({isa}; it is faster on {' and '.join(quantized.FASTER_ON)})"
+                if digest == quantized.CALIBRATED_WEIGHTS
+                else f"weights other than the shipped ones it is calibrated for ({self.weights})"
+            )
+            log.info("precision auto: fp32 rather than %s, for %s", quantized.PRECISION, why)
+        return "fp32"
 
     def _serialized(self, digest: str, again: bool, export_again: bool) -> bytes:
         """The serialized graph in this engine's form: from the cache, or made ``again`` (from

@@ -164,7 +164,10 @@ def started(weights: Path, cache: Path) -> OnnxEngine:
 
 
 def test_auto_is_int8_mixed_only_for_the_calibrated_weights_on_avx2(
-    onnx_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    onnx_cache: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     if cpuinfo.vector_isa() not in quantized.FASTER_ON:
         pytest.skip(f"a {cpuinfo.vector_isa()} CPU keeps fp32")
@@ -176,9 +179,15 @@ def test_auto_is_int8_mixed_only_for_the_calibrated_weights_on_avx2(
     state[name] = state[name] * 1.001
     tuned = tmp_path / "tuned.safetensors"
     save_file(state, tuned)
+    caplog.set_level(logging.INFO, logger="hotfolder")
     assert started(tuned, onnx_cache).precision == "fp32"
+    because = "precision auto: fp32 rather than int8-mixed, for "
+    assert f"{because}weights other than the shipped ones it is calibrated for ({tuned})" in (
+        caplog.text
+    )
     monkeypatch.setattr(cpuinfo, "vector_isa", lambda: "AVX")  # an older CPU
     assert started(WEIGHTS, onnx_cache).precision == "fp32"
+    assert f"{because}this CPU (AVX; it is faster on AVX2 and AVX512)" in caplog.text
 
 
 def scores(pairs: list[evaluate.Pair], alphas: list[np.ndarray]) -> dict[str, float]:
