@@ -37,6 +37,8 @@ CHECK_SIZE = 320  # models.INPUT_SIZE; the graph takes any batch size
 INPUT, OUTPUT = "input", "saliency"
 # Metadata of the export (ModelProto.metadata_props): what it is the graph of.
 ARCH_KEY, WEIGHTS_KEY = "hotfolder.arch", "hotfolder.weights_sha256"
+# The form of a graph made from the export (quantized.py's); the export itself has none: fp32.
+PRECISION_KEY, FP32 = "hotfolder.precision", "fp32"
 METADATA_FIELD = 14  # ModelProto.metadata_props; StringStringEntryProto: key 1, value 2
 
 
@@ -89,15 +91,19 @@ def read_file(path: Path) -> bytes:
     """The content of the regular file ``path``. Raises FileNotFoundError, and OSError for the
     rest, such as a FIFO or a device under that name (reading one could block a start
     forever, without a word)."""
-    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise OSError("not a regular file")
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    # Checked on the descriptor: open() would refuse a folder naming the descriptor, not it.
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise OSError("not a regular file")
+    with open(descriptor, "rb") as f:
         return f.read()
 
 
-def mismatch(session: Any, arch: str, digest: str) -> str | None:
+def mismatch(session: Any, arch: str, digest: str, precision: str = FP32) -> str | None:
     """Why the graph loaded in the ONNX Runtime ``session`` is not the export of ``arch`` with
-    the weights of sha256 ``digest``, or None when it is."""
+    the weights of sha256 ``digest`` in the form ``precision`` (fp32, or one made from it such
+    as int8-mixed), or None when it is."""
     inputs = [i.name for i in session.get_inputs()]
     outputs = [o.name for o in session.get_outputs()]
     if inputs != [INPUT] or OUTPUT not in outputs:
@@ -106,6 +112,11 @@ def mismatch(session: Any, arch: str, digest: str) -> str | None:
     made_of = (metadata.get(ARCH_KEY), metadata.get(WEIGHTS_KEY))
     if made_of != (arch, digest):
         return f"it is the export of {made_of[0]} with weights of sha256 {made_of[1]}"
+    # Both forms name the same model and weights: the fp32 graph copied under the int8-mixed
+    # name would otherwise run while the log and ``hotfolder check`` say int8-mixed.
+    form = metadata.get(PRECISION_KEY, FP32)
+    if form != precision:
+        return f"it is the {form} form, not {precision}"
     return None
 
 

@@ -130,37 +130,77 @@ class OnnxEngine:
 
     def _load(self) -> tuple[Any, bytes]:
         """The graph's session on every core, and the graph. A cached graph that ONNX Runtime
-        cannot load (damaged since it was written), or that is not this model's, is exported
-        (and quantized) again."""
+        cannot load (damaged since it was written), or that is not this model's, is made again:
+        an int8-mixed one first from the kept fp32 export, which is exported again only when
+        that fails too."""
         try:
             digest = exported.weights_digest(self.weights)
         except OSError as exc:
             raise EngineError(f"model {self.arch}: {exc}") from exc
-        if self.asked == "auto" and quantized.suits(self.arch, digest, cpuinfo.vector_isa()):
-            self.precision = quantized.PRECISION
+        if self.asked == "auto":
+            self.precision = self._auto(digest)
         int8 = self.precision == quantized.PRECISION
         path = (quantized if int8 else exported).cache_path(
             self.arch, self.weights, self.cache, digest
         )
-        build = quantized.onnx_model if int8 else exported.onnx_model
-        for refresh in (False, True):
+        # (make the graph again, export the model again): an int8-mixed graph is first built
+        # again from the kept export, which is exported again only when that fails too.
+        attempts = [(False, False), *([(True, False)] if int8 else []), (True, True)]
+        export_suspect = False  # the kept export failed to build from: only a new one helps
+        for again, export_again in attempts:
+            if export_suspect and not export_again:
+                continue
+            last = export_again
             try:
-                model = build(self.arch, self.weights, self.cache, refresh, digest)
-            except (OSError, exported.ExportError, quantized.QuantizeError) as exc:
+                model = self._serialized(digest, again, export_again)
+            except quantized.QuantizeError as exc:
+                if last or self.arch != quantized.ARCH:
+                    raise EngineError(f"model {self.arch}: {exc}") from exc
+                # The kept fp32 export it is built from may be damaged: export it again.
+                source = exported.cache_path(self.arch, self.weights, self.cache, digest)
+                log.warning("cannot build the %s form from %s (%s); exporting it again",
+                            self.precision, source, exc)  # fmt: skip
+                export_suspect = True
+                continue
+            except (OSError, exported.ExportError) as exc:
                 raise EngineError(f"model {self.arch}: {exc}") from exc
             try:
                 alone = session(model, self.cpu_threads)
             except Exception as exc:  # ONNX Runtime raises several pybind11 types for a bad graph
                 problem = f"is damaged ({exc})"
             else:
-                wrong = exported.mismatch(alone, self.arch, digest)
+                wrong = exported.mismatch(alone, self.arch, digest, self.precision)
                 if wrong is None:
                     return alone, model
                 problem = f"is not this model's: {wrong}"
-            if refresh:
+            if last:
                 raise EngineError(f"model {self.arch}: the graph just exported {problem}")
-            log.warning("the exported model %s %s; exporting it again", path, problem)
+            log.warning("the cached model %s %s; making it again", path, problem)
         raise AssertionError("unreachable")
+
+    def _auto(self, digest: str) -> str:
+        """The form ``precision: auto`` means for the weights of sha256 ``digest`` on this CPU,
+        with a word on why u2netp stays fp32 (the README promises int8-mixed on the CPU)."""
+        isa = cpuinfo.vector_isa()
+        if quantized.suits(self.arch, digest, isa):
+            return quantized.PRECISION
+        if self.arch == quantized.ARCH:
+            why = (
+                f"this CPU ({isa}; it is faster on {' and '.join(quantized.FASTER_ON)})"
+                if digest == quantized.CALIBRATED_WEIGHTS
+                else f"weights other than the shipped ones it is calibrated for ({self.weights})"
+            )
+            log.info("precision auto: fp32 rather than %s, for %s", quantized.PRECISION, why)
+        return "fp32"
+
+    def _serialized(self, digest: str, again: bool, export_again: bool) -> bytes:
+        """The serialized graph in this engine's form: from the cache, or made ``again`` (from
+        the kept export, or from the model exported again with ``export_again``)."""
+        if self.precision == quantized.PRECISION:
+            return quantized.onnx_model(
+                self.arch, self.weights, self.cache, again, digest, export_again
+            )
+        return exported.onnx_model(self.arch, self.weights, self.cache, again, digest)
 
     def _matte(self, image: np.ndarray, session: Any) -> np.ndarray:
         x = preprocess(image)

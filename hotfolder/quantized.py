@@ -28,8 +28,9 @@ from hotfolder.publish import write_atomic
 
 log = logging.getLogger(__name__)
 
-# Raised whenever the built graph changes (ranges, nodes, options), so older caches are unused.
-FORMAT = 1
+# Raised whenever the built graph changes (ranges, nodes, options, metadata), so older caches
+# are unused.
+FORMAT = 2
 PRECISION = "int8-mixed"
 ARCH = "u2netp"  # the node names below are this model's
 INPUT_SIZE = 320
@@ -72,12 +73,18 @@ def cache_path(arch: str, weights: Path, cache: Path, digest: str | None = None)
 
 
 def onnx_model(
-    arch: str, weights: Path, cache: Path, refresh: bool = False, digest: str | None = None
+    arch: str,
+    weights: Path,
+    cache: Path,
+    refresh: bool = False,
+    digest: str | None = None,
+    refresh_export: bool | None = None,
 ) -> bytes:
     """The serialized int8-mixed graph of ``arch`` with ``weights``: from ``cache`` when it is
     there (unless ``refresh``), else built from the fp32 graph and kept there (seconds; ONNX
     Runtime's quantization tools import PyTorch where it is installed, so only later starts
-    are without it).
+    are without it). The fp32 graph is exported again with ``refresh_export`` (default:
+    ``refresh``), else taken from the cache where it is.
     Raises QuantizeError for a model other than u2netp, and what exported.onnx_model raises."""
     if arch != ARCH:
         raise QuantizeError(f"{PRECISION} is made for {ARCH} only, not {arch}")
@@ -89,28 +96,32 @@ def onnx_model(
         except FileNotFoundError:
             pass
         except OSError as exc:  # an unreadable cache only costs the build
-            log.warning("cannot read the %s model in %s (%s)", PRECISION, cache, exc)
+            log.warning("cannot read the %s model %s (%s)", PRECISION, path, exc)
     log.info("building the %s form of model %s (once per weights file)", PRECISION, arch)
-    data = quantize(exported.onnx_model(arch, weights, cache, refresh, digest))
+    export_again = refresh if refresh_export is None else refresh_export
+    data = quantize(exported.onnx_model(arch, weights, cache, export_again, digest))
     try:
         write_atomic(path, data, mode=0o644)
     except OSError as exc:
-        log.warning("cannot keep the %s model in %s (%s); it is built again at each start",
-                    PRECISION, cache, exc)  # fmt: skip
+        log.warning("cannot keep the %s model as %s (%s); it is built again at each start",
+                    PRECISION, path, exc)  # fmt: skip
     return data
 
 
 def quantize(fp32: bytes, ranges: Ranges | None = None) -> bytes:
     """The int8-mixed graph made from the fp32 graph ``fp32`` (input ``input`` (N, 3, 320,
     320) float32, output ``saliency``), with ``ranges`` (default :data:`RANGES`) as
-    ``TensorQuantOverrides``. Raises QuantizeError when the graph lacks one of the nodes or
-    cannot be quantized."""
+    ``TensorQuantOverrides``, naming its form in its metadata (``hotfolder.precision``).
+    Raises QuantizeError when the graph lacks one of the nodes or cannot be quantized."""
     try:
-        return build(fp32, RANGES if ranges is None else ranges)
+        graph = build(fp32, RANGES if ranges is None else ranges)
     except QuantizeError:
         raise
     except Exception as exc:  # ONNX and ONNX Runtime raise many types for a graph they refuse
         raise QuantizeError(f"cannot build the {PRECISION} form: {exc}") from exc
+    # The model and weights the export names are kept by the build; the form is added, so
+    # that the fp32 graph under this form's name is told apart (exported.mismatch).
+    return exported.with_metadata(graph, {exported.PRECISION_KEY: PRECISION})
 
 
 def build(fp32: bytes, ranges: Ranges) -> bytes:

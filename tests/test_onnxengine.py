@@ -136,7 +136,7 @@ def test_a_cached_graph_of_another_model_is_exported_again(
         caplog.clear()
         engine = OnnxEngine("u2netp", weights, cache, cpu_threads=1)
         engine.setup(warm_up=False)
-        assert f"the exported model {kept} is not this model's" in caplog.text
+        assert f"the cached model {kept} is not this model's" in caplog.text
         assert kept.read_bytes() != foreign
         assert engine.predict([np.zeros((40, 30, 3), np.uint8)])[0].shape == (40, 30)
     assert exported.onnx_model("u2netp", WEIGHTS, cache) == ours

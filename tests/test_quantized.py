@@ -13,7 +13,7 @@ import onnx
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from hotfolder import config, cpuinfo, evaluate, imaging, quantized, runtime
+from hotfolder import config, cpuinfo, evaluate, exported, imaging, quantized, runtime
 from hotfolder.onnxengine import OnnxEngine
 from hotfolder.runtime import EngineError
 
@@ -164,7 +164,10 @@ def started(weights: Path, cache: Path) -> OnnxEngine:
 
 
 def test_auto_is_int8_mixed_only_for_the_calibrated_weights_on_avx2(
-    onnx_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    onnx_cache: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     if cpuinfo.vector_isa() not in quantized.FASTER_ON:
         pytest.skip(f"a {cpuinfo.vector_isa()} CPU keeps fp32")
@@ -176,9 +179,15 @@ def test_auto_is_int8_mixed_only_for_the_calibrated_weights_on_avx2(
     state[name] = state[name] * 1.001
     tuned = tmp_path / "tuned.safetensors"
     save_file(state, tuned)
+    caplog.set_level(logging.INFO, logger="hotfolder")
     assert started(tuned, onnx_cache).precision == "fp32"
+    because = "precision auto: fp32 rather than int8-mixed, for "
+    assert f"{because}weights other than the shipped ones it is calibrated for ({tuned})" in (
+        caplog.text
+    )
     monkeypatch.setattr(cpuinfo, "vector_isa", lambda: "AVX")  # an older CPU
     assert started(WEIGHTS, onnx_cache).precision == "fp32"
+    assert f"{because}this CPU (AVX; it is faster on AVX2 and AVX512)" in caplog.text
 
 
 def scores(pairs: list[evaluate.Pair], alphas: list[np.ndarray]) -> dict[str, float]:
@@ -221,3 +230,76 @@ def test_the_matte_command_runs_int8_mixed_when_configured(tmp_path: Path) -> No
     assert "loaded on cpu (int8-mixed, ONNX Runtime" in result.stderr
     assert quantized.cache_path("u2netp", WEIGHTS, tmp_path / "cache").is_file()
     assert corpus.load(out)[1].shape == (300, 451, 4)
+
+
+def test_a_cached_graph_of_the_other_form_is_never_run_as_this_one(
+    onnx_cache: Path, int8_engine: OnnxEngine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The fp32 export under the int8-mixed name (or the reverse) names the same model and
+    weights: its form must be told apart too, else the log and ``hotfolder check`` announce
+    one form while the other runs."""
+    fp32 = exported.onnx_model("u2netp", WEIGHTS, onnx_cache)  # both built by now
+    int8 = quantized.onnx_model("u2netp", WEIGHTS, onnx_cache)
+    for precision, foreign in (("int8-mixed", fp32), ("fp32", int8)):
+        cache = tmp_path / precision
+        cache.mkdir()
+        (cache / exported.cache_path("u2netp", WEIGHTS, cache).name).write_bytes(fp32)
+        kept = (quantized if precision == "int8-mixed" else exported).cache_path(
+            "u2netp", WEIGHTS, cache
+        )
+        kept.write_bytes(foreign)
+        caplog.clear()
+        engine = OnnxEngine("u2netp", WEIGHTS, cache, cpu_threads=1, precision=precision)
+        engine.setup(warm_up=False)
+        assert f"{kept} is not this model's" in caplog.text, precision
+        assert kept.read_bytes() != foreign
+
+
+def test_a_cached_name_that_is_no_file_is_named_in_the_warning(
+    onnx_cache: Path, int8_engine: OnnxEngine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A folder under the int8-mixed graph's name: the warnings say which file, and why."""
+    fp32 = exported.cache_path("u2netp", WEIGHTS, onnx_cache)
+    (tmp_path / fp32.name).write_bytes(fp32.read_bytes())
+    kept = quantized.cache_path("u2netp", WEIGHTS, tmp_path)
+    kept.mkdir()
+    engine = OnnxEngine("u2netp", WEIGHTS, tmp_path, cpu_threads=1, precision="int8-mixed")
+    engine.setup(warm_up=False)
+    assert f"cannot read the int8-mixed model {kept} (not a regular file)" in caplog.text
+    assert f"cannot keep the int8-mixed model as {kept} (" in caplog.text
+    assert engine.predict([np.zeros((40, 30, 3), np.uint8)])[0].shape == (40, 30)
+
+
+def test_a_damaged_export_is_exported_again_before_the_build(
+    onnx_cache: Path, int8_engine: OnnxEngine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The int8-mixed graph is built from the kept fp32 export: one damaged since it was
+    written is exported again, as it is for fp32, rather than refusing to start."""
+    fp32 = exported.cache_path("u2netp", WEIGHTS, onnx_cache)
+    damaged = tmp_path / fp32.name
+    damaged.write_bytes(fp32.read_bytes()[: fp32.stat().st_size // 2])  # cut short
+    engine = OnnxEngine("u2netp", WEIGHTS, tmp_path, cpu_threads=1, precision="int8-mixed")
+    engine.setup(warm_up=False)
+    assert caplog.text.count(f"cannot build the int8-mixed form from {damaged}") == 1
+    assert damaged.read_bytes() == fp32.read_bytes()  # the export is deterministic
+    assert quantized.cache_path("u2netp", WEIGHTS, tmp_path).is_file()
+    assert engine.precision == "int8-mixed"
+
+
+def test_a_damaged_graph_is_built_again_from_the_kept_export(
+    onnx_cache: Path, int8_engine: OnnxEngine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only the int8-mixed graph is made again: the kept export is sound, and exporting
+    imports PyTorch and takes seconds more."""
+    fp32 = exported.cache_path("u2netp", WEIGHTS, onnx_cache)
+    (tmp_path / fp32.name).write_bytes(fp32.read_bytes())
+    built = quantized.cache_path("u2netp", WEIGHTS, onnx_cache)
+    damaged = tmp_path / built.name
+    damaged.write_bytes(built.read_bytes()[: built.stat().st_size // 2])  # cut short
+    caplog.set_level(logging.INFO, logger="hotfolder")
+    engine = OnnxEngine("u2netp", WEIGHTS, tmp_path, cpu_threads=1, precision="int8-mixed")
+    engine.setup(warm_up=False)
+    assert f"the cached model {damaged} is damaged" in caplog.text
+    assert "building the int8-mixed form" in caplog.text
+    assert "exporting model" not in caplog.text
+    assert damaged.read_bytes() == built.read_bytes()  # the build is deterministic
