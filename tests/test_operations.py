@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import yaml
 
+from hotfolder import cpuinfo, quantized
+
 from . import corpus
 from .daemon import (
     Site,
@@ -58,7 +60,9 @@ def test_metrics_health_and_readiness(site: Site, photos: dict[str, np.ndarray])
         assert value("hotfolder_ready") == 1
         assert value("hotfolder_in_flight_files") == 0
         assert value("hotfolder_build_info", model="u2netp", version="0.1.0") == 1
-        assert value("hotfolder_device_info", device="cpu", precision="fp32") == 1
+        # precision auto on the CPU: int8-mixed for the shipped weights where it is faster
+        precision = "int8-mixed" if cpuinfo.vector_isa() in quantized.FASTER_ON else "fp32"
+        assert value("hotfolder_device_info", device="cpu", precision=precision) == 1
         assert value("hotfolder_model_warmup_seconds") > 0
         assert value("hotfolder_disk_free_bytes", inbox=inbox, folder="outbox") > 0
         assert value("hotfolder_gpu_memory_bytes", kind="allocated") == 0
