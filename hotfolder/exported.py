@@ -16,6 +16,7 @@ import logging
 import os
 import stat
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,21 +70,31 @@ def onnx_model(
     PyTorch: seconds) and kept there. A cache that cannot be written costs only the export at
     each start, with a warning. Raises ExportError, OSError for unreadable weights."""
     digest = digest or weights_digest(weights)
-    path = cache_path(arch, weights, cache, digest)
+
+    def make() -> bytes:
+        log.info("exporting model %s for ONNX Runtime (once per weights file)", arch)
+        return export(arch, weights, digest)
+
+    return kept(cache_path(arch, weights, cache, digest), "exported model", make, refresh)
+
+
+def kept(path: Path, what: str, make: Callable[[], bytes], refresh: bool = False) -> bytes:
+    """The graph kept in the cache as ``path`` (``what`` it is, for the log), unless
+    ``refresh``; else the one ``make`` returns, kept there for later starts. A cache that cannot
+    be read or written costs only making the graph again, with a warning."""
     if not refresh:
         try:
             return read_file(path)
         except FileNotFoundError:
             pass
-        except OSError as exc:  # an unreadable cache only costs the export
-            log.warning("cannot read the exported model %s (%s)", path, exc)
-    log.info("exporting model %s for ONNX Runtime (once per weights file)", arch)
-    data = export(arch, weights, digest)
+        except OSError as exc:
+            log.warning("cannot read the %s %s (%s)", what, path, exc)
+    data = make()
     try:
         write_atomic(path, data, mode=0o644)
     except OSError as exc:
-        log.warning("cannot keep the exported model as %s (%s); it is exported again at each "
-                    "start", path, exc)  # fmt: skip
+        log.warning("cannot keep the %s as %s (%s); it is made again at each start",
+                    what, path, exc)  # fmt: skip
     return data
 
 

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from hotfolder import exported
-from hotfolder.publish import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -89,23 +88,14 @@ def onnx_model(
     if arch != ARCH:
         raise QuantizeError(f"{PRECISION} is made for {ARCH} only, not {arch}")
     digest = digest or exported.weights_digest(weights)
-    path = cache_path(arch, weights, cache, digest)
-    if not refresh:
-        try:
-            return exported.read_file(path)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:  # an unreadable cache only costs the build
-            log.warning("cannot read the %s model %s (%s)", PRECISION, path, exc)
-    log.info("building the %s form of model %s (once per weights file)", PRECISION, arch)
     export_again = refresh if refresh_export is None else refresh_export
-    data = quantize(exported.onnx_model(arch, weights, cache, export_again, digest))
-    try:
-        write_atomic(path, data, mode=0o644)
-    except OSError as exc:
-        log.warning("cannot keep the %s model as %s (%s); it is built again at each start",
-                    PRECISION, path, exc)  # fmt: skip
-    return data
+
+    def make() -> bytes:
+        log.info("building the %s form of model %s (once per weights file)", PRECISION, arch)
+        return quantize(exported.onnx_model(arch, weights, cache, export_again, digest))
+
+    path = cache_path(arch, weights, cache, digest)
+    return exported.kept(path, f"{PRECISION} model", make, refresh)
 
 
 def quantize(fp32: bytes, ranges: Ranges | None = None) -> bytes:
