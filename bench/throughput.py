@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sqlite3
 import statistics
 import subprocess
@@ -187,6 +188,10 @@ def end_to_end(photos: list[Path], work: Path, device: str, batch: int, workers:
     for line in log_text.splitlines():
         if "peak GPU memory" in line:
             peak_gpu = int(line.rsplit(" ", 2)[-2]) * 1024 * 1024
+    stages = {
+        m[1]: {"seconds": float(m[2]), "count": int(m[3]), "ms_each": float(m[4])}
+        for m in re.finditer(r"(\w+) ([\d.]+) s / (\d+) \(([\d.]+) ms each\)", log_text)
+    }
     rss = [s for _, s in samples]
     # Growth in steady state: the peak of the second quarter of the run against the peak of
     # its last quarter but the final seconds (start-up and drain are not steady).
@@ -203,6 +208,9 @@ def end_to_end(photos: list[Path], work: Path, device: str, batch: int, workers:
         "peak_rss_mb": round(max(rss) / 2**20) if rss else None,
         "rss_growth_after_warmup_pct": None if growth is None else round(growth, 1),
         "peak_gpu_memory_mb": round(peak_gpu / 2**20) if peak_gpu else None,
+        # Busy seconds per stage, summed over its threads (inference per batch): what bounds
+        # the run is the stage whose total over its thread count comes nearest the wall time.
+        "stages": stages,
     }
 
 
@@ -335,6 +343,7 @@ def main() -> None:
     batches = [1, 8, 32, 64, 128] if gpu else [1, 4, 16]
     if args.model_seconds > 0:
         results["model_only"] = model_only(args.device, precisions, batches, args.model_seconds)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")  # kept if a later step fails
     results["end_to_end"] = {}
     with tempfile.TemporaryDirectory(prefix="hotfolder-bench-") as tmp:
         for mp in args.megapixels:
@@ -353,6 +362,7 @@ def main() -> None:
                 entry["ratio_wall"] = round(ours["img_per_s_wall"] / theirs["img_per_s_wall"], 2)
                 entry["ratio_steady"] = round(ours["img_per_s_steady"] / theirs["img_per_s"], 2)
             results["end_to_end"][size] = entry
+            args.out.write_text(json.dumps(results, indent=2) + "\n")
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
 
@@ -372,7 +382,10 @@ def table(results: dict) -> str:
                   f"{ours['rss_growth_after_warmup_pct']} %); GPU {ours['peak_gpu_memory_mb']} MB",
                   f"  idle daemon: ready {entry['idle_daemon']['ready_s']} s after start; one "
                   f"file published {entry['idle_daemon']['single_file_latency_p50_ms']} ms after "
-                  "it arrived (median)"]  # fmt: skip
+                  "it arrived (median)",
+                  "  busy time by stage: " + ", ".join(
+                      f"{stage} {t['seconds']} s / {t['count']}"
+                      for stage, t in ours["stages"].items())]  # fmt: skip
         if "rembg" in entry:
             ratio = f"{entry['ratio_steady']}× steady, {entry['ratio_wall']}× wall"
             theirs = entry["rembg"]

@@ -177,6 +177,19 @@ class Metrics:
         self.latency.labels(name)
         self.observer_restarts.labels(name)
 
+    def stage_totals(self) -> dict[str, tuple[float, int]]:
+        """Each stage's (total seconds, observations) since start, from ``hotfolder_stage_seconds``:
+        one observation per file, but per batch for ``inference``."""
+        totals: dict[str, list[float]] = {stage: [0.0, 0] for stage in STAGES}
+        for family in self.stage.collect():
+            for sample in family.samples:
+                stage = sample.labels.get("stage", "")
+                if stage in totals and sample.name.endswith("_sum"):
+                    totals[stage][0] = sample.value
+                elif stage in totals and sample.name.endswith("_count"):
+                    totals[stage][1] = int(sample.value)
+        return {stage: (seconds, int(count)) for stage, (seconds, count) in totals.items()}
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 

@@ -315,5 +315,15 @@ class Service:
 
             peak = torch.cuda.max_memory_allocated(str(self.engine.device))
             log.info("peak GPU memory %d MiB", peak // 2**20)
+        log.info("time by stage: %s", stage_summary(self.metrics.stage_totals()))
         log.info("stopped cleanly")
         return True
+
+
+def stage_summary(totals: dict[str, tuple[float, int]]) -> str:
+    """``decode 12.3 s / 100 (123 ms each), ...``: where a run's time went, stage by stage (busy
+    seconds summed over the threads of a stage; ``inference`` counts batches, the rest files)."""
+    return ", ".join(
+        f"{stage} {seconds:.1f} s / {count} ({1000 * seconds / max(count, 1):.1f} ms each)"
+        for stage, (seconds, count) in totals.items()
+    )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -262,6 +263,13 @@ def test_two_daemons_share_one_inbox(site: Site, photos: dict[str, np.ndarray]) 
     assert all(r["outcome"] == "success" for r in rows)
     published = [log.read_text().count(": success in ") for log in logs]
     assert sum(published) == 60
+    # Each daemon's last words say where its time went: every file it published was decoded,
+    # encoded and published once.
+    for log, count in zip(logs, published, strict=True):
+        stages = re.search(r"time by stage: (.*)", log.read_text())
+        assert stages is not None
+        for stage in ("decode", "encode", "publish"):
+            assert re.search(rf"{stage} [\d.]+ s / {count} \(", stages[1]), stages[1]
 
 
 def test_sigterm_mid_run_finishes_or_returns_every_file(
