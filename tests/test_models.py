@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from hotfolder import models
 from hotfolder.cli import main
@@ -135,6 +135,21 @@ def test_loading_weights_never_unpickles(tmp_path: Path) -> None:
         models.load("u2netp", pickled)
 
 
-def test_weights_of_the_wrong_architecture_are_refused() -> None:
-    with pytest.raises(models.WeightsError, match="does not fit model 'u2net'"):
+def test_weights_of_the_wrong_architecture_are_refused_in_a_line_that_names_the_fit() -> None:
+    with pytest.raises(models.WeightsError, match="does not fit model 'u2net'") as refused:
         models.load("u2net", WEIGHTS)
+    message = str(refused.value)
+    # One line an operator can act on, not PyTorch's list of every tensor.
+    assert "\n" not in message, message
+    assert len(message) < 600, message
+    assert "tensors of other shapes (first: " in message
+    assert message.endswith("they fit model 'u2netp': set model.name: u2netp")
+
+
+def test_weights_missing_a_tensor_are_refused(tmp_path: Path) -> None:
+    state = models.build("u2netp").state_dict()
+    del state["outconv.bias"]
+    trimmed = tmp_path / "trimmed.safetensors"
+    save_file(state, str(trimmed))
+    with pytest.raises(models.WeightsError, match=r"1 tensors missing \(first: outconv.bias\)$"):
+        models.load("u2netp", trimmed)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from safetensors.torch import load_file
-from torch import nn
+from torch import Tensor, nn
 
 from hotfolder.models.u2net import U2NET_WIDTHS, U2NETP_WIDTHS, U2Net
 
@@ -41,11 +41,45 @@ def load(arch: str, weights: Path) -> nn.Module:
         state = load_file(str(weights))
     except Exception as exc:  # safetensors raises several types for a damaged file
         raise WeightsError(f"{weights}: not a readable safetensors file ({exc})") from exc
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise WeightsError(f"{weights}: does not fit model {arch!r}: {exc}") from exc
+    problem = misfit(model, state)
+    if problem:
+        raise WeightsError(f"{weights}: does not fit model {arch!r}: {problem}{hint(arch, state)}")
+    model.load_state_dict(state, strict=True)
     return model.eval().requires_grad_(False)
+
+
+def misfit(model: nn.Module, state: dict[str, Tensor]) -> str:
+    """Why ``state`` cannot be loaded into ``model``, in one line ('' when it can): counts of
+    missing, unexpected and reshaped tensors with the first of each, instead of PyTorch's
+    message, which lists every tensor (hundreds of lines for weights of another model)."""
+    wanted = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    missing = [name for name in wanted if name not in state]
+    unexpected = [name for name in state if name not in wanted]
+    reshaped = [
+        (name, tuple(state[name].shape), shape)
+        for name, shape in wanted.items()
+        if name in state and tuple(state[name].shape) != shape
+    ]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensors missing (first: {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} tensors it does not have (first: {unexpected[0]})")
+    if reshaped:
+        name, got, need = reshaped[0]
+        parts.append(
+            f"{len(reshaped)} tensors of other shapes (first: {name} is {list(got)}, "
+            f"the model needs {list(need)})"
+        )
+    return "; ".join(parts)
+
+
+def hint(arch: str, state: dict[str, Tensor]) -> str:
+    """'; they fit model X: set model.name: X' when the weights are another known model's."""
+    for other in ARCHITECTURES:
+        if other != arch and not misfit(build(other), state):
+            return f"; they fit model {other!r}: set model.name: {other}"
+    return ""
 
 
 def conv_layers(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
