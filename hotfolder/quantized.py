@@ -52,6 +52,9 @@ CALIBRATED_WEIGHTS = "2fb103d5c13807b75dc793a48b68949400d8e8637a96f8553390fe9b63
 # Vector instruction sets the form was measured faster on (AVX2, 1.3×; AVX-512 VNNI computes the
 # int8 products natively). Older CPUs keep fp32 under ``auto``.
 FASTER_ON = ("AVX2", "AVX512")
+# A freshly built graph's largest mean |Δ| to fp32 on the check picture, in 1/255. The shipped
+# ranges give 0.04; ranges a tenth as wide give 5. The eval photos allow 2 per photo.
+BUILD_BOUND = 1.0
 
 
 def suits(arch: str, digest: str, vector_isa: str) -> bool:
@@ -109,9 +112,48 @@ def quantize(fp32: bytes, ranges: Ranges | None = None) -> bytes:
         raise
     except Exception as exc:  # ONNX and ONNX Runtime raise many types for a graph they refuse
         raise QuantizeError(f"cannot build the {PRECISION} form: {exc}") from exc
+    # A change in ONNX Runtime's quantization tools could build a graph that runs but draws
+    # other mattes; it is caught here, once per build, not by a user looking at outputs.
+    strays = deviation(fp32, graph)
+    if strays > BUILD_BOUND:
+        raise QuantizeError(
+            f"the {PRECISION} form just built strays from fp32 by {strays:.2f}/255 on average "
+            f"on the check picture (at most {BUILD_BOUND}/255 allowed)"
+        )
     # The model and weights the export names are kept by the build; the form is added, so
     # that the fp32 graph under this form's name is told apart (exported.mismatch).
     return exported.with_metadata(graph, {exported.PRECISION_KEY: PRECISION})
+
+
+def deviation(fp32: bytes, int8: bytes) -> float:
+    """Mean |Δ| in 1/255 between the min–max normalised saliency maps of the graphs ``fp32``
+    and ``int8`` (serialized ONNX) over :func:`check_picture`, each run on one thread."""
+    import numpy as np
+
+    from hotfolder.onnxengine import preprocess, session
+
+    x = preprocess(check_picture())
+    maps = []
+    for graph in (fp32, int8):
+        saliency = session(graph, 1).run(None, {"input": x})[0][0, 0]
+        low, high = float(saliency.min()), float(saliency.max())
+        maps.append((saliency - low) / max(high - low, 1e-6))
+    return float(np.abs(maps[0] - maps[1]).mean() * 255)
+
+
+def check_picture() -> Any:
+    """A (320, 320, 3) uint8 stand-in for a product photo, the same on every machine: two
+    textured objects, one round and one boxy, on a soft studio gradient."""
+    import numpy as np
+
+    y, x = np.mgrid[0:INPUT_SIZE, 0:INPUT_SIZE].astype(np.float32) / INPUT_SIZE
+    picture = np.stack([200 + 30 * x, 205 + 20 * y, 210 - 25 * x], -1)
+    texture = np.random.default_rng(0).normal(0, 12, (INPUT_SIZE, INPUT_SIZE, 1))
+    ellipse = ((x - 0.47) / 0.28) ** 2 + ((y - 0.53) / 0.375) ** 2 < 1
+    box = (abs(x - 0.72) < 0.11) & (abs(y - 0.34) < 0.19)
+    for where, colour in ((ellipse, (170, 60, 40)), (box, (40, 70, 150))):
+        picture[where] = (np.array(colour) + texture)[where]
+    return np.clip(picture, 0, 255).astype(np.uint8)
 
 
 def build(fp32: bytes, ranges: Ranges) -> bytes:

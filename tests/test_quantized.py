@@ -122,6 +122,20 @@ def test_the_ranges_are_the_ones_built_in(onnx_cache: Path, int8_engine: OnnxEng
         assert float(scale) == pytest.approx(high / 255, rel=1e-6)
 
 
+def test_a_build_that_strays_from_fp32_is_refused(onnx_cache: Path) -> None:
+    """Ranges a tenth as wide as the measured ones (as a change in ONNX Runtime's tools might
+    give) build a graph that runs; the check against fp32 refuses it before it is kept."""
+    fp32 = exported.onnx_model("u2netp", WEIGHTS, onnx_cache)
+    narrow = {
+        name: ((low_in, high_in / 10), (low_out, high_out / 10))
+        for name, ((low_in, high_in), (low_out, high_out)) in quantized.RANGES.items()
+    }
+    with pytest.raises(quantized.QuantizeError, match=r"strays from fp32 by [\d.]+/255"):
+        quantized.quantize(fp32, narrow)
+    shipped = quantized.quantize(fp32)
+    assert quantized.deviation(fp32, shipped) < quantized.BUILD_BOUND / 10
+
+
 def test_other_models_and_precisions_are_refused(tmp_path: Path) -> None:
     other = OnnxEngine("u2net", WEIGHTS, tmp_path, precision="int8-mixed")
     with pytest.raises(EngineError, match="int8-mixed is made for u2netp only"):
