@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from hotfolder import cpuinfo, exported, quantized
+from hotfolder import cpuinfo, exported, optimized, quantized
 from hotfolder.runtime import EngineError
 from hotfolder.turns import Turns
 
@@ -91,15 +91,21 @@ class OnnxEngine:
         # as a one-shot command of one file, never needs it).
         self._side_by_side: Any = None
         self._graph = b""
+        self._graph_optimized = False  # _graph is ONNX Runtime's optimized form (optimized.py)
         self._pool: ThreadPoolExecutor | None = None
 
     def setup(self, warm_up: bool = True) -> None:
         """Load the graph (exporting it first if the cache lacks it) and, with ``warm_up``,
         run one image so that the first real one pays no start-up cost."""
+        started = time.perf_counter()
+        # The weights are hashed (which releases the GIL) while ONNX Runtime is imported (which
+        # holds it): 0.015 s less before a one-shot command's first photo.
+        hashing = ThreadPoolExecutor(1, thread_name_prefix="hash")
+        digest = hashing.submit(exported.weights_digest, self.weights)
+        hashing.shutdown(wait=False)
         import onnxruntime as ort
 
-        started = time.perf_counter()
-        self._alone, self._graph = self._load()
+        self._alone, self._graph = self._load(digest)
         if self.cpu_threads > 1:
             self._pool = ThreadPoolExecutor(self.cpu_threads, thread_name_prefix="model")
         self.load_seconds = time.perf_counter() - started
@@ -124,17 +130,18 @@ class OnnxEngine:
             if self._pool is None or len(images) <= 1:
                 return [self._matte(image, self._alone) for image in images]
             if self._side_by_side is None:
-                self._side_by_side, self._graph = session(self._graph, 1), b""
+                graph, self._graph = self._graph, b""
+                self._side_by_side = session(graph, 1, optimized=self._graph_optimized)
             side_by_side = self._side_by_side
             return list(self._pool.map(lambda im: self._matte(im, side_by_side), images))
 
-    def _load(self) -> tuple[Any, bytes]:
-        """The graph's session on every core, and the graph. A cached graph that ONNX Runtime
-        cannot load (damaged since it was written), or that is not this model's, is made again:
-        an int8-mixed one first from the kept fp32 export, which is exported again only when
-        that fails too."""
+    def _load(self, hashed: Future[str]) -> tuple[Any, bytes]:
+        """The graph's session on every core, and the graph, for the weights of sha256
+        ``hashed``. A cached graph that ONNX Runtime cannot load (damaged since it was
+        written), or that is not this model's, is made again: an int8-mixed one first from the
+        kept fp32 export, which is exported again only when that fails too."""
         try:
-            digest = exported.weights_digest(self.weights)
+            digest = hashed.result()
         except OSError as exc:
             raise EngineError(f"model {self.arch}: {exc}") from exc
         if self.asked == "auto":
@@ -143,6 +150,40 @@ class OnnxEngine:
         path = (quantized if int8 else exported).cache_path(
             self.arch, self.weights, self.cache, digest
         )
+        fast = optimized.cache_path(path)
+        kept = self._load_optimized(fast, digest)
+        if kept is not None:
+            return kept
+        with optimized.scratch() as save_as:
+            alone, model = self._load_graph(path, digest, save_as)
+            if save_as is not None:
+                optimized.keep_written(fast, save_as)
+        return alone, model
+
+    def _load_optimized(self, path: Path, digest: str) -> tuple[Any, bytes] | None:
+        """The session on every core of the optimized form kept as ``path`` and that form, or
+        None when there is none, or it is damaged or not this model's (it is made again)."""
+        data = optimized.read(path)
+        if data is None:
+            return None
+        try:
+            alone = session(data, self.cpu_threads, optimized=True)
+        except Exception as exc:  # ONNX Runtime raises several pybind11 types for a bad graph
+            problem = f"is damaged ({exc})"
+        else:
+            wrong = exported.mismatch(alone, self.arch, digest, self.precision)
+            if wrong is None:
+                self._graph_optimized = True
+                return alone, data
+            problem = f"is not this model's: {wrong}"
+        log.warning("the optimized model %s %s; making it again", path, problem)
+        return None
+
+    def _load_graph(self, path: Path, digest: str, save_as: Path | None) -> tuple[Any, bytes]:
+        """The session on every core of the cached graph ``path`` (made again where it must
+        be, see ``_load``), and the graph; ONNX Runtime writes its optimized form to
+        ``save_as`` when given."""
+        int8 = self.precision == quantized.PRECISION
         # (make the graph again, export the model again): an int8-mixed graph is first built
         # again from the kept export, which is exported again only when that fails too.
         attempts = [(False, False), *([(True, False)] if int8 else []), (True, True)]
@@ -165,7 +206,7 @@ class OnnxEngine:
             except (OSError, exported.ExportError) as exc:
                 raise EngineError(f"model {self.arch}: {exc}") from exc
             try:
-                alone = session(model, self.cpu_threads)
+                alone = session(model, self.cpu_threads, save_as=save_as)
             except Exception as exc:  # ONNX Runtime raises several pybind11 types for a bad graph
                 problem = f"is damaged ({exc})"
             else:
@@ -213,8 +254,12 @@ class OnnxEngine:
         return postprocess(saliency, image.shape[:2])
 
 
-def session(model: bytes, threads: int) -> Any:
-    """An ONNX Runtime session of the graph ``model`` computing on ``threads`` threads."""
+def session(
+    model: bytes, threads: int, optimized: bool = False, save_as: Path | None = None
+) -> Any:
+    """An ONNX Runtime session of the graph ``model`` computing on ``threads`` threads.
+    ``optimized``: ``model`` is ONNX Runtime's optimized form (:mod:`hotfolder.optimized`),
+    run as it is; ``save_as``: the optimized form is written there."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -225,7 +270,12 @@ def session(model: bytes, threads: int) -> Any:
     # 2-core machine, 0.82–0.92 s for a first image against 1.0 s.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    level = ort.GraphOptimizationLevel
+    options.graph_optimization_level = level.ORT_DISABLE_ALL if optimized else level.ORT_ENABLE_ALL
+    if save_as is not None:
+        options.optimized_model_filepath = str(save_as)
+        # Not its warning that the file suits this machine only: optimized.py keys it so.
+        options.log_severity_level = 3
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import re
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from hotfolder import imaging, recipes
 from hotfolder.jobs import ImageError, Reason
 
 from . import profiles
+from .conftest import ROOT
 from .test_cli import hotfolder
 
 RED = (220, 20, 30)  # a product's red, in sRGB
@@ -41,6 +44,8 @@ def in_profile(rgb: np.ndarray, icc: bytes) -> Image.Image:
 
 
 def saved(image: Image.Image, fmt: str, **options: object) -> bytes:
+    if fmt == "HEIF":  # Pillow writes HEIC through pillow-heif, which hotfolder registers
+        pillow_heif.register_heif_opener()  # only when it first reads one
     buffer = io.BytesIO()
     image.save(buffer, fmt, **options)
     return buffer.getvalue()
@@ -155,6 +160,33 @@ def test_the_primary_heic_picture_is_used_and_limits_come_from_its_header() -> N
     primary.save(buffer, quality=90)
     picture = imaging.decode(buffer.getvalue(), max_pixels=10_000)
     assert picture.size == (120, 80)
+
+
+HEIF_ON_DEMAND = """
+import sys
+from pathlib import Path
+from hotfolder import cli, imaging, matte, oneshot, onnxengine
+from hotfolder.jobs import ImageError
+imaging.decode(Path(sys.argv[1]).read_bytes())
+try:
+    imaging.decode(b"notes, not a photo")
+except ImageError as exc:
+    print(exc.reason.name)
+print("pillow_heif" in sys.modules)
+print(imaging.decode(Path(sys.argv[2]).read_bytes()).size)
+"""
+
+
+def test_heic_support_is_loaded_when_a_heic_is_first_met(tmp_path: Path) -> None:
+    """A command's start does not pay for importing pillow-heif unless a HEIC comes."""
+    jpeg, heic = tmp_path / "photo.jpg", tmp_path / "photo.heic"
+    jpeg.write_bytes(saved(Image.fromarray(red_block()), "JPEG"))
+    heic.write_bytes(saved(Image.fromarray(red_block()), "HEIF"))
+    result = subprocess.run(
+        [sys.executable, "-c", HEIF_ON_DEMAND, str(jpeg), str(heic)],
+        cwd=ROOT, capture_output=True, text=True, check=True, timeout=300,
+    )  # fmt: skip
+    assert result.stdout.split("\n")[:3] == ["UNSUPPORTED", "False", "(120, 80)"]
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "TIFF"])

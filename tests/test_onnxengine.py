@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hotfolder import config, cpuinfo, exported, onnxengine, runtime
+from hotfolder import config, cpuinfo, exported, onnxengine, optimized, runtime
 from hotfolder.engine import MattingEngine
 from hotfolder.onnxengine import OnnxEngine
 from hotfolder.runtime import EngineError
@@ -84,11 +84,12 @@ def start(cache: Path) -> bool:
 def test_the_export_is_kept_and_later_starts_never_import_pytorch(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     assert start(cache)  # exported, with PyTorch
-    (kept,) = cache.iterdir()
-    assert kept == exported.cache_path("u2netp", WEIGHTS, cache)
-    assert kept.stat().st_mode & 0o777 == 0o644
+    kept = exported.cache_path("u2netp", WEIGHTS, cache)
+    both = sorted([kept, optimized.cache_path(kept)])  # and ONNX Runtime's optimized form
+    assert sorted(cache.iterdir()) == both
+    assert all(path.stat().st_mode & 0o777 == 0o644 for path in both)
     assert not start(cache)
-    assert list(cache.iterdir()) == [kept]
+    assert sorted(cache.iterdir()) == both
 
 
 def test_other_weights_get_an_export_of_their_own(tmp_path: Path) -> None:
@@ -221,3 +222,101 @@ def test_the_log_names_the_runtime_and_the_cpu(
     OnnxEngine("u2netp", WEIGHTS, onnx_cache, cpu_threads=1).setup(warm_up=False)
     assert "loaded on cpu (fp32, ONNX Runtime 1." in caplog.text
     assert f"; {cpuinfo.describe()})" in caplog.text
+
+
+def cache_with_the_export(onnx_cache: Path, folder: Path) -> Path:
+    """A cache folder of its own in ``folder`` holding only the kept fp32 export (a copy)."""
+    kept = exported.cache_path("u2netp", WEIGHTS, onnx_cache)
+    exported.onnx_model("u2netp", WEIGHTS, onnx_cache)  # exported by now, for this session
+    cache = folder / "cache"
+    cache.mkdir()
+    (cache / kept.name).write_bytes(kept.read_bytes())
+    return cache
+
+
+def mattes(cache: Path, photos: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The mattes of an engine started from ``cache``: one photo alone, then two side by side."""
+    engine = OnnxEngine("u2netp", WEIGHTS, cache, cpu_threads=2)
+    engine.setup(warm_up=False)
+    images = list(photos.values())
+    return engine.predict(images[:1]) + engine.predict(images[1:3])
+
+
+def test_the_optimized_form_is_kept_and_computes_the_same(
+    onnx_cache: Path,
+    tmp_path: Path,
+    photos: dict[str, np.ndarray],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cache = cache_with_the_export(onnx_cache, tmp_path)
+    kept = exported.cache_path("u2netp", WEIGHTS, cache)
+    first = mattes(cache, photos)  # from the export, keeping the optimized form
+    fast = optimized.cache_path(kept)
+    assert fast.name.startswith(f"{kept.stem}-opt-ort1.")
+    assert fast.stat().st_mode & 0o777 == 0o644
+    kept.write_bytes(b"not a graph")  # later starts load the optimized form, not the export
+    for _ in range(2):
+        assert all(np.array_equal(a, b) for a, b in zip(mattes(cache, photos), first, strict=True))
+    assert "damaged" not in caplog.text
+
+
+def test_a_damaged_optimized_form_is_made_again(
+    onnx_cache: Path,
+    tmp_path: Path,
+    photos: dict[str, np.ndarray],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cache = cache_with_the_export(onnx_cache, tmp_path)
+    first = mattes(cache, photos)
+    fast = optimized.cache_path(exported.cache_path("u2netp", WEIGHTS, cache))
+    whole = fast.read_bytes()
+    for damaged in (whole[: len(whole) // 2], b"\0" * 4096):  # cut short; zeros after a crash
+        fast.write_bytes(damaged)
+        caplog.clear()
+        again = mattes(cache, photos)
+        assert f"the optimized model {fast} is damaged" in caplog.text
+        assert all(np.array_equal(a, b) for a, b in zip(again, first, strict=True))
+        caplog.clear()
+        mattes(cache, photos)  # made again: loaded by the next start
+        assert "optimized model" not in caplog.text
+
+
+def test_an_optimized_form_of_another_form_is_never_run(
+    onnx_cache: Path,
+    tmp_path: Path,
+    photos: dict[str, np.ndarray],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The optimized int8-mixed graph under the fp32 one's name names the same model and
+    weights: its form is told apart, as for the graphs it is made from."""
+    from hotfolder import quantized
+
+    cache = cache_with_the_export(onnx_cache, tmp_path)
+    int8 = OnnxEngine("u2netp", WEIGHTS, cache, cpu_threads=1, precision="int8-mixed")
+    int8.setup(warm_up=False)
+    int8_fast = optimized.cache_path(quantized.cache_path("u2netp", WEIGHTS, cache))
+    fast = optimized.cache_path(exported.cache_path("u2netp", WEIGHTS, cache))
+    fast.write_bytes(int8_fast.read_bytes())
+    caplog.clear()
+    mattes(cache, photos)
+    assert f"the optimized model {fast} is not this model's: it is the int8-mixed form" in (
+        caplog.text
+    )
+    assert fast.read_bytes() != int8_fast.read_bytes()
+
+
+def test_another_cpu_or_onnx_runtime_gets_an_optimized_form_of_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The optimized form is laid out for this CPU's vector width and made by this ONNX
+    Runtime: a cache shared with another machine, or kept across an upgrade, never runs it."""
+    import onnxruntime
+
+    kept = Path("cache/u2netp-0123-v2.onnx")
+    here = optimized.cache_path(kept)
+    monkeypatch.setattr(cpuinfo, "cpu_flags", lambda: frozenset({"sse4_2", "avx", "avx2"}))
+    other_cpu = optimized.cache_path(kept)
+    monkeypatch.setattr(onnxruntime, "__version__", "9.9.9")
+    other_runtime = optimized.cache_path(kept)
+    assert len({here, other_cpu, other_runtime}) == 3
+    assert other_runtime.name.startswith("u2netp-0123-v2-opt-ort9.9.9-avx2-")
