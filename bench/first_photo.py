@@ -1,7 +1,7 @@
 """What a user waits for: `hotfolder matte` of one photo and of 16, process start included,
 with and without a running daemon, against rembg in the same run.
 
-    python bench/first_photo.py --rounds 5 --out first_photo.json [--torch]
+    python bench/first_photo.py --rounds 5 --out first_photo.json [--torch] [--cases TEXT]
 
 The daemon and ``matte`` run the default runtime (ONNX Runtime on a CPU; the daemon's start
 exports the model into the cache first); ``--torch`` adds ``matte`` without a daemon on PyTorch
@@ -57,6 +57,9 @@ def main() -> None:
     parser.add_argument("--torch", action="store_true", help="add matte on PyTorch, no daemon")
     parser.add_argument("--precision", default="auto", help="model.precision of daemon and matte")
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--cases", default="", help="only the cases whose name holds this: '1 photo: matte, daemon'"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -81,6 +84,8 @@ def main() -> None:
                     for case in cases:
                         if case == "rembg" and args.skip_rembg:
                             continue
+                        if args.cases not in f"{label}: {case}":
+                            continue
                         out = work / "out"
                         if case == "rembg":
                             seconds = rembg(chosen, out)
@@ -104,7 +109,7 @@ def main() -> None:
         "median_s": {k: round(statistics.median(v), 3) for k, v in samples.items()},
         "all_s": {k: [round(s, 3) for s in v] for k, v in samples.items()},
     }
-    if not args.skip_rembg:
+    if not args.skip_rembg and not args.cases:
         medians = report["median_s"]
         assert isinstance(medians, dict)
         report["speed_vs_rembg"] = {
