@@ -1,5 +1,3 @@
-import sys
+from hotfolder.cli import command
 
-from hotfolder.cli import main
-
-sys.exit(main())
+command()

@@ -357,3 +357,35 @@ def test_a_daemon_on_the_cpu_imports_no_pytorch_once_the_model_is_exported(
     )  # fmt: skip
     assert result.stdout.strip() == "False 0", result.stderr
     assert site.files(site.outbox) == ["p.mask.png", "p.png"]
+
+
+SAY_AT_EXIT = """
+import atexit
+from hotfolder import cli
+atexit.register(print, "torn down")
+cli.command()
+"""
+
+
+def test_matte_ends_its_process_at_once_with_its_log_and_exit_status(tmp_path: Path) -> None:
+    """Nothing is left to do when matte returns: the process ends without tearing down its
+    modules (no atexit handler runs), and its log lines and exit status still come out."""
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", SAY_AT_EXIT, *args],
+            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    missing = run("matte", "missing.jpg", "-o", "out")
+    assert missing.returncode == 1
+    assert "missing.jpg: no such file" in missing.stderr
+    assert "0 written to out, 0 skipped (not images), 1 failed" in missing.stderr
+    assert "torn down" not in missing.stdout
+    logged = run("matte", "--log-format", "json", "missing.jpg", "-o", "out")
+    assert logged.returncode == 1
+    assert json.loads(logged.stderr.splitlines()[-1])["message"].startswith("0 written")
+    assert "torn down" not in logged.stdout
+    other = run("history", "-c", "none.yaml")  # any other command ends as before
+    assert other.returncode == 2
+    assert "torn down" in other.stdout

@@ -29,8 +29,20 @@ from .daemon import Site, kill, start, stop, wait_for, wait_serving
 USING_DAEMON = "using the model of the daemon"
 
 
-def matte(config: Path, *inputs: Path, outdir: Path) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "hotfolder", "matte", "-c", str(config), "--kind", "mask"]
+# hotfolder matte, then which of the model's runtimes it imported
+MATTE_AND_SAY_RUNTIMES = """
+import sys
+from hotfolder import cli
+code = cli.main(sys.argv[1:])
+print(" ".join(sorted({"onnxruntime", "torch"} & set(sys.modules))))
+sys.exit(code)
+"""
+
+
+def matte(
+    config: Path, *inputs: Path, outdir: Path, program: tuple[str, ...] = ("-m", "hotfolder")
+) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, *program, "matte", "-c", str(config), "--kind", "mask"]
     return subprocess.run(
         [*command, *map(str, inputs), "-o", str(outdir)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -83,11 +95,13 @@ def test_matte_uses_the_daemons_model_and_its_own_once_the_daemon_is_gone(
         mode = os.lstat(socket_of(site)).st_mode
         assert stat.S_ISSOCK(mode)
         assert stat.S_IMODE(mode) == 0o755  # as the daemon's folders
-        through = matte(config, *inputs, outdir=tmp_path / "through")
+        through = matte(config, *inputs, outdir=tmp_path / "through",
+                        program=("-c", MATTE_AND_SAY_RUNTIMES))  # fmt: skip
     finally:
         assert stop(daemon) == 0
     assert through.returncode == 0, through.stderr
     assert USING_DAEMON in through.stderr
+    assert through.stdout.strip() == ""  # nor loaded a model's runtime: the daemon answered
     assert not socket_of(site).exists()  # removed on exit
     alone = matte(config, *inputs, outdir=tmp_path / "alone")
     assert alone.returncode == 0, alone.stderr
