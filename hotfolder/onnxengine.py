@@ -146,6 +146,20 @@ class OnnxEngine:
             raise EngineError(f"model {self.arch}: {exc}") from exc
         if self.asked == "auto":
             self.precision = self._auto(digest)
+        try:
+            return self._load_form(digest)
+        except EngineError as exc:
+            unbuilt = isinstance(exc.__cause__, quantized.QuantizeError)
+            if not (unbuilt and self.asked == "auto" and self.precision == quantized.PRECISION):
+                raise
+            # auto promises a working model first and speed second.
+            log.warning("precision auto: fp32, since the %s form cannot be made: %s",
+                        quantized.PRECISION, exc)  # fmt: skip
+            self.precision = "fp32"
+            return self._load_form(digest)
+
+    def _load_form(self, digest: str) -> tuple[Any, bytes]:
+        """``_load`` for this engine's settled form (``self.precision``)."""
         int8 = self.precision == quantized.PRECISION
         path = (quantized if int8 else exported).cache_path(
             self.arch, self.weights, self.cache, digest

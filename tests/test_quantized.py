@@ -136,6 +136,34 @@ def test_a_build_that_strays_from_fp32_is_refused(onnx_cache: Path) -> None:
     assert quantized.deviation(fp32, shipped) < quantized.BUILD_BOUND / 10
 
 
+def test_auto_runs_fp32_when_the_int8_form_cannot_be_made(
+    onnx_cache: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Without ONNX Runtime's quantization tools (some packagings leave them out) the
+    int8-mixed form cannot be built: ``auto`` starts on fp32 and says why; asking for
+    int8-mixed by name is an error."""
+    if cpuinfo.vector_isa() not in quantized.FASTER_ON:
+        pytest.skip(f"a {cpuinfo.vector_isa()} CPU keeps fp32")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    export = exported.cache_path("u2netp", WEIGHTS, onnx_cache)
+    # Only the int8-mixed form is missing from the cache.
+    (cache / export.name).write_bytes(exported.onnx_model("u2netp", WEIGHTS, onnx_cache))
+    monkeypatch.setitem(sys.modules, "onnxruntime.quantization", None)
+    caplog.set_level(logging.WARNING, logger="hotfolder")
+    engine = started(WEIGHTS, cache)
+    assert engine.precision == "fp32"
+    assert "precision auto: fp32, since the int8-mixed form cannot be made: " in caplog.text
+    photo = np.random.default_rng(0).integers(0, 256, (48, 64, 3), np.uint8)
+    assert engine.predict([photo])[0].shape == (48, 64)
+    named = OnnxEngine("u2netp", WEIGHTS, cache, cpu_threads=1, precision="int8-mixed")
+    with pytest.raises(EngineError, match="cannot build the int8-mixed form"):
+        named.setup(warm_up=False)
+
+
 def test_other_models_and_precisions_are_refused(tmp_path: Path) -> None:
     other = OnnxEngine("u2net", WEIGHTS, tmp_path, precision="int8-mixed")
     with pytest.raises(EngineError, match="int8-mixed is made for u2netp only"):
