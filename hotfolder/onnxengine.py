@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from hotfolder import cpuinfo, exported, optimized, quantized
+from hotfolder import cpuinfo, exported, optimized, quantized, sweep
 from hotfolder.runtime import EngineError
 from hotfolder.turns import Turns
 
@@ -147,7 +147,7 @@ class OnnxEngine:
         if self.asked == "auto":
             self.precision = self._auto(digest)
         try:
-            return self._load_form(digest)
+            loaded = self._load_form(digest)
         except EngineError as exc:
             unbuilt = isinstance(exc.__cause__, quantized.QuantizeError)
             if not (unbuilt and self.asked == "auto" and self.precision == quantized.PRECISION):
@@ -156,7 +156,10 @@ class OnnxEngine:
             log.warning("precision auto: fp32, since the %s form cannot be made: %s",
                         quantized.PRECISION, exc)  # fmt: skip
             self.precision = "fp32"
-            return self._load_form(digest)
+            loaded = self._load_form(digest)
+        graph = exported.cache_path(self.arch, self.weights, self.cache, digest)
+        sweep.sweep(graph, optimized.host_key(), (exported.FORMAT, quantized.FORMAT))
+        return loaded
 
     def _load_form(self, digest: str) -> tuple[Any, bytes]:
         """``_load`` for this engine's settled form (``self.precision``)."""

@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,7 @@ def test_flip_averaged_mattes_are_pytorchs(onnx_cache: Path, photos: dict[str, n
 
 START_WITHOUT_TORCH = """
 import sys
+import time
 from pathlib import Path
 from hotfolder.onnxengine import OnnxEngine
 import numpy as np
@@ -320,3 +322,42 @@ def test_another_cpu_or_onnx_runtime_gets_an_optimized_form_of_its_own(
     other_runtime = optimized.cache_path(kept)
     assert len({here, other_cpu, other_runtime}) == 3
     assert other_runtime.name.startswith("u2netp-0123-v2-opt-ort9.9.9-avx2-")
+
+
+def test_a_start_removes_the_cache_files_no_start_can_use(
+    onnx_cache: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Older formats of these weights' graphs, optimized forms of another ONNX Runtime on this
+    CPU and temp files an hour old go; everything another start could still use stays."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    export = exported.cache_path("u2netp", WEIGHTS, onnx_cache)
+    (cache / export.name).write_bytes(exported.onnx_model("u2netp", WEIGHTS, onnx_cache))
+    base = export.name.removesuffix(f"-v{exported.FORMAT}.onnx")
+    ort_version, this_cpu = optimized.host_key().removeprefix("ort").split("-", 1)
+    dead = [
+        f"{base}-v1.onnx",  # the export's previous format
+        f"{base}-v{exported.FORMAT}-int8-mixed-q1.onnx",  # int8-mixed's previous format
+        f"{base}-v{exported.FORMAT}-opt-ort0.1.0-{this_cpu}.onnx",  # an older ONNX Runtime here
+        f".{base}-v{exported.FORMAT}.onnx.0badc0de.tmp",  # a build killed mid-write
+    ]
+    alive = [
+        f"{base}-v99.onnx",  # a newer hotfolder's
+        f"{base}-v{exported.FORMAT}-opt-ort{ort_version}-avx512-0123456789ab.onnx",  # other CPU
+        f"u2netp-{'0' * 24}-v1.onnx",  # other weights: maybe another configuration's
+        f".{base}-v{exported.FORMAT}.onnx.1badc0de.tmp",  # being written now
+        "notes.txt",
+    ]
+    for name in dead + alive:
+        (cache / name).write_bytes(b"x")
+    hour_ago = time.time() - 2 * 3600
+    os.utime(cache / dead[-1], (hour_ago, hour_ago))
+    (cache / f"{base}-v0.onnx").mkdir()  # not a file: left alone
+    caplog.set_level(logging.INFO, logger="hotfolder")
+    engine = OnnxEngine("u2netp", WEIGHTS, cache, cpu_threads=1, precision="fp32")
+    engine.setup(warm_up=False)
+    left = {p.name for p in cache.iterdir()}
+    assert not left & set(dead)
+    assert set(alive) | {export.name, f"{base}-v0.onnx"} <= left
+    assert "removed 4 files no start can use from the model cache" in caplog.text
+    assert engine.predict([np.zeros((40, 30, 3), np.uint8)])[0].shape == (40, 30)
