@@ -16,6 +16,7 @@ import logging
 import os
 import stat
 import warnings
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,10 @@ ARCH_KEY, WEIGHTS_KEY = "hotfolder.arch", "hotfolder.weights_sha256"
 # The form of a graph made from the export (quantized.py's); the export itself has none: fp32.
 PRECISION_KEY, FP32 = "hotfolder.precision", "fp32"
 METADATA_FIELD = 14  # ModelProto.metadata_props; StringStringEntryProto: key 1, value 2
+# A kept graph ends in one more metadata entry, the CRC-32 of everything before it: damage that
+# leaves a valid protobuf (a flipped bit, an overwritten block inside a weight tensor) would
+# otherwise load without a word and draw NaN mattes.
+SEAL_KEY = "hotfolder.crc32"
 
 
 class ExportError(Exception):
@@ -84,14 +89,14 @@ def kept(path: Path, what: str, make: Callable[[], bytes], refresh: bool = False
     be read or written costs only making the graph again, with a warning."""
     if not refresh:
         try:
-            return read_file(path)
+            return unsealed(read_file(path))
         except FileNotFoundError:
             pass
         except OSError as exc:
             log.warning("cannot read the %s %s (%s)", what, path, exc)
     data = make()
     try:
-        write_atomic(path, data, mode=0o644)
+        write_atomic(path, sealed(data), mode=0o644)
     except OSError as exc:
         log.warning("cannot keep the %s as %s (%s); it is made again at each start",
                     what, path, exc)  # fmt: skip
@@ -109,6 +114,30 @@ def read_file(path: Path) -> bytes:
         raise OSError("not a regular file")
     with open(descriptor, "rb") as f:
         return f.read()
+
+
+def sealed(graph: bytes) -> bytes:
+    """The serialized ONNX graph ``graph`` with its CRC-32 appended as a metadata entry, as it
+    is kept in the cache (see :func:`unsealed`)."""
+    return graph + _seal(graph)
+
+
+def unsealed(data: bytes) -> bytes:
+    """The graph kept as ``data`` by :func:`sealed`, without its seal. Raises OSError when
+    the content is not what was kept (damaged). A graph without a seal (kept by an earlier
+    version, or put there by hand) is returned as it is: loading it, ONNX Runtime and
+    :func:`mismatch` judge it."""
+    size = len(_seal(b""))
+    graph, seal = data[:-size], data[-size:]
+    if len(data) < size or not seal.startswith(_seal(b"")[: -len(f"{0:08x}")]):
+        return data
+    if seal != _seal(graph):
+        raise OSError("damaged: its content does not match the checksum it was kept with")
+    return graph
+
+
+def _seal(graph: bytes) -> bytes:
+    return with_metadata(b"", {SEAL_KEY: f"{zlib.crc32(graph):08x}"})
 
 
 def mismatch(session: Any, arch: str, digest: str, precision: str = FP32) -> str | None:

@@ -51,7 +51,7 @@ def read(path: Path) -> bytes | None:
     """The kept optimized form at ``path``, or None when there is none (or it cannot be read:
     it is made again)."""
     try:
-        return exported.read_file(path)
+        return exported.unsealed(exported.read_file(path))
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -78,6 +78,6 @@ def keep_written(path: Path, written: Path) -> None:
     """Keep the optimized form ONNX Runtime wrote as ``written`` as ``path``. A cache that
     cannot be written costs only the optimization at each start."""
     try:
-        write_atomic(path, exported.read_file(written), mode=0o644)
+        write_atomic(path, exported.sealed(exported.read_file(written)), mode=0o644)
     except OSError as exc:
         log.info("cannot keep the optimized model as %s (%s)", path, exc)

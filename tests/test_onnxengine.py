@@ -283,6 +283,37 @@ def test_a_damaged_optimized_form_is_made_again(
         assert "optimized model" not in caplog.text
 
 
+def with_bytes_changed(data: bytes) -> bytes:
+    """``data`` with four bytes in its middle set to 0xff: inside a weight tensor of a graph,
+    so that it still loads (a bit flipped on disk, a block overwritten) but computes NaNs."""
+    middle = len(data) // 2
+    return data[:middle] + b"\xff" * 4 + data[middle + 4 :]
+
+
+@pytest.mark.parametrize("which", ["optimized form", "export"])
+def test_a_graph_damaged_inside_its_weights_is_made_again(
+    which: str,
+    onnx_cache: Path,
+    tmp_path: Path,
+    photos: dict[str, np.ndarray],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Damage that leaves a valid protobuf loads in ONNX Runtime without a word: each kept
+    graph carries a checksum of its content, so it is made again rather than run."""
+    cache = cache_with_the_export(onnx_cache, tmp_path)
+    first = mattes(cache, photos)
+    kept = exported.cache_path("u2netp", WEIGHTS, cache)
+    fast = optimized.cache_path(kept)
+    damaged = fast if which == "optimized form" else kept
+    if which == "export":
+        fast.unlink()  # the next start loads the export
+    damaged.write_bytes(with_bytes_changed(damaged.read_bytes()))
+    caplog.clear()
+    again = mattes(cache, photos)
+    assert str(damaged) in caplog.text and "damaged" in caplog.text
+    assert all(np.array_equal(a, b) for a, b in zip(again, first, strict=True))
+
+
 def test_an_optimized_form_of_another_form_is_never_run(
     onnx_cache: Path,
     tmp_path: Path,
