@@ -27,8 +27,9 @@ from hotfolder.publish import write_atomic
 
 log = logging.getLogger(__name__)
 
-# Raised whenever the exported graph changes, so caches made by older versions are not used.
-FORMAT = 2
+# Raised whenever the exported graph changes, so caches made by older versions are not used
+# (3: kept graphs carry a checksum; older ones, unsealed, are made again and swept away).
+FORMAT = 3
 # ONNX opset of the export: supported by every ONNX Runtime since 1.12.
 OPSET = 17
 # The largest |Δ| of saliency (0–1) allowed between the graph on ONNX Runtime and the model on
