@@ -310,7 +310,8 @@ def test_a_graph_damaged_inside_its_weights_is_made_again(
     damaged.write_bytes(with_bytes_changed(damaged.read_bytes()))
     caplog.clear()
     again = mattes(cache, photos)
-    assert str(damaged) in caplog.text and "damaged" in caplog.text
+    assert str(damaged) in caplog.text
+    assert "damaged" in caplog.text
     assert all(np.array_equal(a, b) for a, b in zip(again, first, strict=True))
 
 
