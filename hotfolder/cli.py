@@ -333,8 +333,10 @@ def run_matte(args: argparse.Namespace) -> int:
         outputs = tuple(
             recipes.Output(recipes.Kind(k), background=background) for k in dict.fromkeys(kinds)
         )
-        if outdir.exists() and not outdir.is_dir():
-            raise UsageError(f"{outdir}: -o names a file; give a folder for the outputs")
+        nearest = next((p for p in (outdir, *outdir.parents) if p.exists()), outdir)
+        if nearest.exists() and not nearest.is_dir():
+            where_file = "names a file" if nearest == outdir else f"lies under the file {nearest}"
+            raise UsageError(f"{outdir}: -o {where_file}; give a folder for the outputs")
         if args.outdir is None:
             note_existing_output(inputs)
         where = outdir

@@ -194,6 +194,11 @@ def test_matte_refuses_an_output_folder_that_is_a_file_before_the_model_loads(
     assert f"{notes}: -o names a file; give a folder for the outputs" in result.stderr
     assert "loaded" not in result.stderr
     assert notes.read_text() == "# notes\n"
+    below = notes / "cutouts" / "today"
+    result = hotfolder("matte", str(ROOT / "samples/coffee.jpg"), "-o", str(below))
+    assert result.returncode == 2
+    assert f"{below}: -o lies under the file {notes}; give a folder" in result.stderr
+    assert "loaded" not in result.stderr
 
 
 def test_check_says_an_inbox_is_a_file(tmp_path: Path) -> None:
