@@ -263,7 +263,7 @@ def _open(data: bytes) -> Image.Image:
     except UnidentifiedImageError:
         raise ImageError(Reason.UNSUPPORTED, f"is not {FORMAT_NAMES}") from None
     except Exception as exc:  # a damaged header raises anything from SyntaxError to struct.error
-        raise ImageError(Reason.CORRUPT, f"has a damaged header ({exc})") from exc
+        raise ImageError(Reason.CORRUPT, f"has a damaged header ({one_line(exc)})") from exc
 
 
 @functools.cache
@@ -306,7 +306,7 @@ def _frames(image: Image.Image) -> int:
     try:
         return int(getattr(image, "n_frames", 1))
     except Exception as exc:  # counting reads every frame's header: a damaged one raises anything
-        raise ImageError(Reason.CORRUPT, f"has a damaged frame header ({exc})") from exc
+        raise ImageError(Reason.CORRUPT, f"has a damaged frame header ({one_line(exc)})") from exc
 
 
 def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, keep_source: bool = False) -> Picture:
@@ -330,7 +330,7 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, keep_source: bool 
     except ImageError:
         raise
     except Exception as exc:
-        raise ImageError(Reason.CORRUPT, f"cannot be decoded: {exc}") from exc
+        raise ImageError(Reason.CORRUPT, f"cannot be decoded: {one_line(exc)}") from exc
     return orient(picture, orientation)
 
 
@@ -488,3 +488,9 @@ def _encode_pillow(pixels: np.ndarray, fmt: str, meta: Metadata | None, **option
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, fmt, **options, **fields)
     return buffer.getvalue()
+
+
+def one_line(exc: Exception) -> str:
+    """A decoder's message on one line: libheif's end in blank lines, which would split a text
+    log's record and an error sidecar's reason."""
+    return " ".join(str(exc).split())

@@ -295,6 +295,18 @@ def test_heic_and_avif_being_copied_look_incomplete(fmt: str) -> None:
         assert unfinished.reason == Reason.CORRUPT
 
 
+def test_a_damaged_heics_reason_is_one_line() -> None:
+    """libheif ends its messages in a newline: the reason goes into a text log's record and an
+    error sidecar, so it is said on one line."""
+    noise = np.random.default_rng(1).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    data = saved(Image.fromarray(noise), "HEIF", quality=90)
+    with pytest.raises(ImageError, match=r"^cannot be decoded: .*file bounds") as refused:
+        imaging.decode(data[: len(data) // 2])
+    assert refused.value.reason == Reason.CORRUPT
+    assert str(refused.value) == str(refused.value).strip()
+    assert "\n" not in str(refused.value)
+
+
 def test_metadata_too_long_for_jpeg_is_left_out_of_the_jpeg_only() -> None:
     """Photoshop's XMP (its document history) often passes the 64 KiB a JPEG segment holds:
     the JPEG output is written without that packet, keeping the EXIF; a PNG keeps it all."""
