@@ -376,6 +376,8 @@ def connect(path: Path, accept: Callable[[dict[str, object]], bool]) -> Client |
     peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         if not trusted(path):
+            log.debug("not using %s: its owner is neither this user, root nor the owner of "
+                      "its folder", path)  # fmt: skip
             raise ProtocolError("a stranger's socket")
         peer.settimeout(CONNECT_TIMEOUT)
         peer.connect(str(path))
