@@ -9,8 +9,10 @@ upgrade leaves a model's worth of dead files (4.6 MB for u2netp, 176 MB for u2ne
 
 Only files of the weights being started are touched: another weights file's graphs may belong
 to another configuration on the same host. Files of a newer format (a newer hotfolder sharing
-the folder) are kept, and so are temp files younger than :data:`TEMP_AGE_S` (a build may be
-writing them now).
+the folder), optimized forms of a newer ONNX Runtime (another installation sharing it) or of a
+version that cannot be compared, and temp files younger than :data:`TEMP_AGE_S` (a build may
+be writing them now) are kept: removing what another start uses would have it made again at
+each of its starts, and have this sweep remove it again.
 """
 
 from __future__ import annotations
@@ -32,13 +34,14 @@ _GRAPH = re.compile(
     r"(?:-opt-ort(?P<ort>[^-]+)-(?P<cpu>.+))?\.onnx"
 )
 _TEMP = re.compile(r"\.(?P<name>.+)\.[0-9a-f]{8}\.tmp")
+_RELEASE = re.compile(r"\d+(?:\.\d+)*", re.ASCII)
 
 
 def sweep(kept: Path, host: str, formats: tuple[int, int]) -> None:
     """Remove from ``kept``'s folder the files of the same model and weights that no start can
     use again: those of formats older than ``formats`` (export, int8-mixed), optimized forms made
     on this CPU (``host``: ``ort<version>-<cpu>`` as :func:`hotfolder.optimized.host_key`
-    gives) by another ONNX Runtime, and stale temp files. ``kept`` is a graph of the cache
+    gives) by an older ONNX Runtime, and stale temp files. ``kept`` is a graph of the cache
     (any of its forms). Failures are logged, never raised: a sweep is housekeeping."""
     own = _GRAPH.fullmatch(kept.name)
     if own is None:
@@ -84,6 +87,22 @@ def _unusable(
     export_format, int8_format = formats
     if int(graph["v"]) < export_format:
         return True
-    if graph["q"] is not None and int(graph["q"]) < int8_format:
+    int8 = graph["q"] is not None
+    if int8 and int(graph["q"]) < int8_format:
         return True
-    return graph["cpu"] == cpu and graph["ort"] != version
+    newer_format = int(graph["v"]) > export_format or (int8 and int(graph["q"]) > int8_format)
+    if graph["cpu"] != cpu or newer_format:
+        return False
+    return _older(graph["ort"], version)
+
+
+def _older(version: str, than: str) -> bool:
+    """Whether the ONNX Runtime ``version`` is an older release than ``than`` (by their
+    leading release numbers, such as 1.20.1); False where either has none."""
+    theirs, ours = _release(version), _release(than)
+    return theirs is not None and ours is not None and theirs < ours
+
+
+def _release(version: str) -> tuple[int, ...] | None:
+    numbers = _RELEASE.match(version)
+    return None if numbers is None else tuple(int(n) for n in numbers[0].split("."))

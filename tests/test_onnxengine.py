@@ -393,3 +393,30 @@ def test_a_start_removes_the_cache_files_no_start_can_use(
     assert set(alive) | {export.name, f"{base}-v0.onnx"} <= left
     assert "removed 4 files no start can use from the model cache" in caplog.text
     assert engine.predict([np.zeros((40, 30, 3), np.uint8)])[0].shape == (40, 30)
+
+
+def test_the_sweep_keeps_optimized_forms_of_a_newer_onnx_runtime_or_hotfolder(
+    tmp_path: Path,
+) -> None:
+    """Another installation sharing the cache, with a newer ONNX Runtime or a newer hotfolder,
+    loads these: removed, each of its starts would make its own again, and each of ours remove
+    it again. Versions are compared as numbers (1.9 is older than 1.25)."""
+    from hotfolder import quantized, sweep
+
+    kept = exported.cache_path("u2netp", WEIGHTS, tmp_path)
+    base, v, q = kept.stem.removesuffix(f"-v{exported.FORMAT}"), exported.FORMAT, quantized.FORMAT
+    host = optimized.host_key()
+    ort_version, this_cpu = host.removeprefix("ort").split("-", 1)
+    major, minor, *_ = (int(n) for n in ort_version.split("."))
+    alive = [
+        f"{base}-v{v}-opt-ort{major}.{minor + 1}.0-{this_cpu}.onnx",
+        f"{base}-v{v}-opt-ort{major + 1}.0.0-{this_cpu}.onnx",
+        f"{base}-v{v}-opt-ortnightly-{this_cpu}.onnx",  # no release number to compare
+        f"{base}-v{v + 1}-opt-ort0.1.0-{this_cpu}.onnx",  # a newer hotfolder, older runtime
+        f"{base}-v{v}-int8-mixed-q{q + 1}-opt-ort0.1.0-{this_cpu}.onnx",
+    ]
+    dead = [f"{base}-v{v}-opt-ort1.9.0-{this_cpu}.onnx"]  # older than any supported runtime
+    for name in alive + dead:
+        (tmp_path / name).write_bytes(b"x")
+    sweep.sweep(kept, host, (exported.FORMAT, quantized.FORMAT))
+    assert {p.name for p in tmp_path.iterdir()} == set(alive)
