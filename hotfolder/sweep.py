@@ -31,9 +31,10 @@ TEMP_AGE_S = 3600.0
 
 _GRAPH = re.compile(
     r"(?P<base>.+-[0-9a-f]{24})-v(?P<v>\d+)(?:-int8-mixed-q(?P<q>\d+))?"
-    r"(?:-opt-ort(?P<ort>[^-]+)-(?P<cpu>.+))?\.onnx"
+    r"(?:-opt-ort(?P<ort>[^-]+)-(?P<cpu>.+))?\.onnx",
+    re.ASCII,
 )
-_TEMP = re.compile(r"\.(?P<name>.+)\.[0-9a-f]{8}\.tmp")
+_TEMP = re.compile(r"\.(?P<name>.+)\.[0-9a-f]{8}\.tmp", re.ASCII)
 _RELEASE = re.compile(r"\d+(?:\.\d+)*", re.ASCII)
 
 
@@ -54,14 +55,15 @@ def sweep(kept: Path, host: str, formats: tuple[int, int]) -> None:
         log.info("cannot list the model cache %s (%s)", kept.parent, exc)
         return
     for entry in entries:
-        if _unusable(entry, own["base"], formats, version, cpu):
-            try:
-                size = entry.stat(follow_symlinks=False).st_size
-                os.unlink(entry.path)
-            except OSError as exc:
-                log.info("cannot remove %s from the model cache (%s)", entry.path, exc)
+        try:
+            if not _unusable(entry, own["base"], formats, version, cpu):
                 continue
-            removed, freed = removed + 1, freed + size
+            size = entry.stat(follow_symlinks=False).st_size
+            os.unlink(entry.path)
+        except OSError as exc:  # gone meanwhile (another start swept it), or not ours to remove
+            log.info("cannot remove %s from the model cache (%s)", entry.path, exc)
+            continue
+        removed, freed = removed + 1, freed + size
     if removed:
         log.info("removed %d files no start can use from the model cache %s (%.1f MB)",
                  removed, kept.parent, freed / 1e6)  # fmt: skip
