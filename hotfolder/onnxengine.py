@@ -183,18 +183,23 @@ class OnnxEngine:
         data = optimized.read(path)
         if data is None:
             return None
-        try:
-            alone = session(data, self.cpu_threads, optimized=True)
-        except Exception as exc:  # ONNX Runtime raises several pybind11 types for a bad graph
-            problem = f"is damaged ({exc})"
-        else:
-            wrong = exported.mismatch(alone, self.arch, digest, self.precision)
-            if wrong is None:
-                self._graph_optimized = True
-                return alone, data
-            problem = f"is not this model's: {wrong}"
+        alone, problem = self._checked(data, digest, optimized=True)
+        if alone is not None:
+            self._graph_optimized = True
+            return alone, data
         log.warning("the optimized model %s %s; making it again", path, problem)
         return None
+
+    def _checked(self, graph: bytes, digest: str, **options: Any) -> tuple[Any, str]:
+        """A session on every core of the serialized ``graph`` (``options`` as :func:`session`
+        takes them) and '' when it is this model's in this engine's form; else None and what
+        is wrong with it."""
+        try:
+            alone = session(graph, self.cpu_threads, **options)
+        except Exception as exc:  # ONNX Runtime raises several pybind11 types for a bad graph
+            return None, f"is damaged ({exc})"
+        wrong = exported.mismatch(alone, self.arch, digest, self.precision)
+        return (alone, "") if wrong is None else (None, f"is not this model's: {wrong}")
 
     def _load_graph(self, path: Path, digest: str, save_as: Path | None) -> tuple[Any, bytes]:
         """The session on every core of the cached graph ``path`` (made again where it must
@@ -222,15 +227,9 @@ class OnnxEngine:
                 continue
             except (OSError, exported.ExportError) as exc:
                 raise EngineError(f"model {self.arch}: {exc}") from exc
-            try:
-                alone = session(model, self.cpu_threads, save_as=save_as)
-            except Exception as exc:  # ONNX Runtime raises several pybind11 types for a bad graph
-                problem = f"is damaged ({exc})"
-            else:
-                wrong = exported.mismatch(alone, self.arch, digest, self.precision)
-                if wrong is None:
-                    return alone, model
-                problem = f"is not this model's: {wrong}"
+            alone, problem = self._checked(model, digest, save_as=save_as)
+            if alone is not None:
+                return alone, model
             if last:
                 raise EngineError(f"model {self.arch}: the graph just exported {problem}")
             log.warning("the cached model %s %s; making it again", path, problem)
