@@ -153,3 +153,22 @@ def test_weights_missing_a_tensor_are_refused(tmp_path: Path) -> None:
     save_file(state, str(trimmed))
     with pytest.raises(models.WeightsError, match=r"1 tensors missing \(first: outconv.bias\)$"):
         models.load("u2netp", trimmed)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_weights_of_integers_or_booleans_are_refused(tmp_path: Path, dtype: torch.dtype) -> None:
+    # PyTorch's loading would cast them to float silently and the model would matte garbage.
+    state = {name: t.to(dtype) for name, t in load_file(str(WEIGHTS)).items()}
+    retyped = tmp_path / "retyped.safetensors"
+    save_file(state, str(retyped))
+    with pytest.raises(models.WeightsError, match=r"tensors of other types \(first: .* is torch"):
+        models.load("u2netp", retyped)
+
+
+def test_weights_in_half_precision_load_as_the_same_numbers(tmp_path: Path) -> None:
+    state = {name: t.half() for name, t in load_file(str(WEIGHTS)).items()}
+    halved = tmp_path / "halved.safetensors"
+    save_file(state, str(halved))
+    loaded = models.load("u2netp", halved).state_dict()
+    for name, tensor in state.items():
+        assert torch.equal(loaded[name], tensor.float()), name

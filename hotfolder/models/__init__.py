@@ -50,15 +50,23 @@ def load(arch: str, weights: Path) -> nn.Module:
 
 def misfit(model: nn.Module, state: dict[str, Tensor]) -> str:
     """Why ``state`` cannot be loaded into ``model``, in one line ('' when it can): counts of
-    missing, unexpected and reshaped tensors with the first of each, instead of PyTorch's
-    message, which lists every tensor (hundreds of lines for weights of another model)."""
-    wanted = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    missing, unexpected, reshaped and integer-or-boolean tensors with the first of each, instead
+    of PyTorch's message, which lists every tensor (hundreds of lines for weights of another
+    model). Floating-point tensors of another precision (fp16, bf16) fit: loading converts them."""
+    expected = model.state_dict()
+    wanted = {name: tuple(t.shape) for name, t in expected.items()}
     missing = [name for name in wanted if name not in state]
     unexpected = [name for name in state if name not in wanted]
     reshaped = [
         (name, tuple(state[name].shape), shape)
         for name, shape in wanted.items()
         if name in state and tuple(state[name].shape) != shape
+    ]
+    # load_state_dict would cast these to float without a word: trained weights are never so.
+    retyped = [
+        (name, state[name].dtype, t.dtype)
+        for name, t in expected.items()
+        if name in state and state[name].is_floating_point() != t.is_floating_point()
     ]
     parts = []
     if missing:
@@ -70,6 +78,12 @@ def misfit(model: nn.Module, state: dict[str, Tensor]) -> str:
         parts.append(
             f"{len(reshaped)} tensors of other shapes (first: {name} is {list(got)}, "
             f"the model needs {list(need)})"
+        )
+    if retyped:
+        name, got_dtype, need_dtype = retyped[0]
+        parts.append(
+            f"{len(retyped)} tensors of other types (first: {name} is {got_dtype}, "
+            f"the model needs {need_dtype})"
         )
     return "; ".join(parts)
 
