@@ -59,8 +59,9 @@ def leave(code: int) -> NoReturn:
     if any(t is not current and not t.daemon for t in threading.enumerate()):
         sys.exit(code)
     logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:  # None: started with the descriptor closed (`>&-`)
+            stream.flush()
     os._exit(code)
 
 

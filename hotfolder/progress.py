@@ -27,12 +27,15 @@ DRAW_INTERVAL = 0.2  # seconds between redraws of the bar
 FIRST_BATCH_SPAN = 1.0
 
 
-def choose_mode(quiet: bool, log_format: str = "text", stream: TextIO = sys.stderr) -> str:
-    """``off`` with --quiet, ``bar`` on a terminal, else ``log``. With JSON logs always
-    ``log``: a bar between them would break one JSON object per line on a terminal too."""
+def choose_mode(quiet: bool, log_format: str = "text", stream: TextIO | None = None) -> str:
+    """``off`` with --quiet, ``bar`` on a terminal (``stream``, default standard error), else
+    ``log``. With JSON logs always ``log``: a bar between them would break one JSON object per
+    line on a terminal too."""
     if quiet:
         return "off"
-    return "bar" if stream.isatty() and log_format == "text" else "log"
+    # sys.stderr is None in a process started with standard error closed (`2>&-`).
+    shown: TextIO | None = sys.stderr if stream is None else stream
+    return "bar" if shown is not None and shown.isatty() and log_format == "text" else "log"
 
 
 def format_duration(seconds: float) -> str:

@@ -394,3 +394,26 @@ def test_matte_ends_its_process_at_once_with_its_log_and_exit_status(tmp_path: P
     other = run("history", "-c", "none.yaml")  # any other command ends as before
     assert other.returncode == 2
     assert "torn down" in other.stdout
+
+
+@pytest.mark.parametrize("closed", [">&-", "2>&-"])
+def test_matte_with_a_standard_stream_closed_writes_its_outputs_and_exits_zero(
+    tmp_path: Path, closed: str
+) -> None:
+    """A job started with stdout or stderr closed (some schedulers do) still mattes and says
+    success: a closed stream is neither flushed at the exit nor asked whether it is a terminal."""
+    photo = ROOT / "samples" / "chelsea.jpg"
+    line = f'exec {closed}; exec "$0" -m hotfolder matte -c none.yaml "$1" -o out'
+    if closed == ">&-":  # stderr still open: keep it for the assertion's message
+        line = line.replace("exec >&-", "exec >&- 2>log")
+    else:
+        line = line.replace("exec 2>&-", "exec 2>&- >log")
+    config = tmp_path / "none.yaml"
+    config.write_text(f"model:\n  weights: {WEIGHTS}\n  runtime: torch\n  precision: fp32\n")
+    result = subprocess.run(
+        ["bash", "-c", line, sys.executable, str(photo)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    log_text = (tmp_path / "log").read_text(encoding="utf-8", errors="replace")
+    assert result.returncode == 0, log_text
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["chelsea.png"], log_text
