@@ -89,12 +89,9 @@ def kept(path: Path, what: str, make: Callable[[], bytes], refresh: bool = False
     ``refresh``; else the one ``make`` returns, kept there for later starts. A cache that cannot
     be read or written costs only making the graph again, with a warning."""
     if not refresh:
-        try:
-            return unsealed(read_file(path))
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            log.warning("cannot read the %s %s (%s)", what, path, exc)
+        data = read_kept(path, what)
+        if data is not None:
+            return data
     data = make()
     try:
         write_atomic(path, sealed(data), mode=0o644)
@@ -102,6 +99,19 @@ def kept(path: Path, what: str, make: Callable[[], bytes], refresh: bool = False
         log.warning("cannot keep the %s as %s (%s); it is made again at each start",
                     what, path, exc)  # fmt: skip
     return data
+
+
+def read_kept(path: Path, what: str) -> bytes | None:
+    """The graph kept in the cache as ``path`` (``what`` it is, for the log), without its seal;
+    None when there is none, or it cannot be read or is damaged (with a warning): it is then
+    made again."""
+    try:
+        return unsealed(read_file(path))
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("cannot read the %s %s (%s); making it again", what, path, exc)
+        return None
 
 
 def read_file(path: Path) -> bytes:
@@ -128,9 +138,9 @@ def unsealed(data: bytes) -> bytes:
     the content is not what was kept (damaged). A graph without a seal (kept by an earlier
     version, or put there by hand) is returned as it is: loading it, ONNX Runtime and
     :func:`mismatch` judge it."""
-    size = len(_seal(b""))
-    graph, seal = data[:-size], data[-size:]
-    if len(data) < size or not seal.startswith(_seal(b"")[: -len(f"{0:08x}")]):
+    blank = _seal(b"")  # every seal has this length, and all but its 8 hex digits in common
+    graph, seal = data[: -len(blank)], data[-len(blank) :]
+    if len(data) < len(blank) or seal[:-8] != blank[:-8]:
         return data
     if seal != _seal(graph):
         raise OSError("damaged: its content does not match the checksum it was kept with")

@@ -180,7 +180,7 @@ class OnnxEngine:
     def _load_optimized(self, path: Path, digest: str) -> tuple[Any, bytes] | None:
         """The session on every core of the optimized form kept as ``path`` and that form, or
         None when there is none, or it is damaged or not this model's (it is made again)."""
-        data = optimized.read(path)
+        data = exported.read_kept(path, "optimized model")
         if data is None:
             return None
         alone, problem = self._checked(data, digest, optimized=True)

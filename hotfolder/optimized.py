@@ -47,18 +47,6 @@ def cache_path(graph: Path) -> Path:
     return graph.with_name(f"{graph.stem}-opt-{host_key()}.onnx")
 
 
-def read(path: Path) -> bytes | None:
-    """The kept optimized form at ``path``, or None when there is none (or it cannot be read:
-    it is made again)."""
-    try:
-        return exported.unsealed(exported.read_file(path))
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        log.warning("cannot read the optimized model %s (%s); making it again", path, exc)
-        return None
-
-
 @contextlib.contextmanager
 def scratch() -> Iterator[Path | None]:
     """A path in a temporary folder of its own for ONNX Runtime to write an optimized form to
