@@ -244,21 +244,33 @@ def mattes(cache: Path, photos: dict[str, np.ndarray]) -> list[np.ndarray]:
     return engine.predict(images[:1]) + engine.predict(images[1:3])
 
 
+def identical(ours: list[np.ndarray], theirs: list[np.ndarray]) -> bool:
+    return all(np.array_equal(a, b) for a, b in zip(ours, theirs, strict=True))
+
+
+def started_once(
+    onnx_cache: Path, folder: Path, photos: dict[str, np.ndarray]
+) -> tuple[Path, Path, Path, list[np.ndarray]]:
+    """A cache folder of its own holding the export, after one start from it (which keeps the
+    optimized form): the cache, the export's path, the optimized form's, that start's mattes."""
+    cache = cache_with_the_export(onnx_cache, folder)
+    first = mattes(cache, photos)
+    kept = exported.cache_path("u2netp", WEIGHTS, cache)
+    return cache, kept, optimized.cache_path(kept), first
+
+
 def test_the_optimized_form_is_kept_and_computes_the_same(
     onnx_cache: Path,
     tmp_path: Path,
     photos: dict[str, np.ndarray],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    cache = cache_with_the_export(onnx_cache, tmp_path)
-    kept = exported.cache_path("u2netp", WEIGHTS, cache)
-    first = mattes(cache, photos)  # from the export, keeping the optimized form
-    fast = optimized.cache_path(kept)
+    cache, kept, fast, first = started_once(onnx_cache, tmp_path, photos)
     assert fast.name.startswith(f"{kept.stem}-opt-ort1.")
     assert fast.stat().st_mode & 0o777 == 0o644
     kept.write_bytes(b"not a graph")  # later starts load the optimized form, not the export
     for _ in range(2):
-        assert all(np.array_equal(a, b) for a, b in zip(mattes(cache, photos), first, strict=True))
+        assert identical(mattes(cache, photos), first)
     assert "damaged" not in caplog.text
 
 
@@ -268,16 +280,14 @@ def test_a_damaged_optimized_form_is_made_again(
     photos: dict[str, np.ndarray],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    cache = cache_with_the_export(onnx_cache, tmp_path)
-    first = mattes(cache, photos)
-    fast = optimized.cache_path(exported.cache_path("u2netp", WEIGHTS, cache))
+    cache, _, fast, first = started_once(onnx_cache, tmp_path, photos)
     whole = fast.read_bytes()
     for damaged in (whole[: len(whole) // 2], b"\0" * 4096):  # cut short; zeros after a crash
         fast.write_bytes(damaged)
         caplog.clear()
         again = mattes(cache, photos)
         assert f"the optimized model {fast} is damaged" in caplog.text
-        assert all(np.array_equal(a, b) for a, b in zip(again, first, strict=True))
+        assert identical(again, first)
         caplog.clear()
         mattes(cache, photos)  # made again: loaded by the next start
         assert "optimized model" not in caplog.text
@@ -300,10 +310,7 @@ def test_a_graph_damaged_inside_its_weights_is_made_again(
 ) -> None:
     """Damage that leaves a valid protobuf loads in ONNX Runtime without a word: each kept
     graph carries a checksum of its content, so it is made again rather than run."""
-    cache = cache_with_the_export(onnx_cache, tmp_path)
-    first = mattes(cache, photos)
-    kept = exported.cache_path("u2netp", WEIGHTS, cache)
-    fast = optimized.cache_path(kept)
+    cache, kept, fast, first = started_once(onnx_cache, tmp_path, photos)
     damaged = fast if which == "optimized form" else kept
     if which == "export":
         fast.unlink()  # the next start loads the export
@@ -312,7 +319,7 @@ def test_a_graph_damaged_inside_its_weights_is_made_again(
     again = mattes(cache, photos)
     assert str(damaged) in caplog.text
     assert "damaged" in caplog.text
-    assert all(np.array_equal(a, b) for a, b in zip(again, first, strict=True))
+    assert identical(again, first)
 
 
 def test_an_optimized_form_of_another_form_is_never_run(
