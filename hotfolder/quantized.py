@@ -53,7 +53,7 @@ CALIBRATED_WEIGHTS = "2fb103d5c13807b75dc793a48b68949400d8e8637a96f8553390fe9b63
 # int8 products natively). Older CPUs keep fp32 under ``auto``.
 FASTER_ON = ("AVX2", "AVX512")
 # A freshly built graph's largest mean |Δ| to fp32 on the check picture, in 1/255. The shipped
-# ranges give 0.04; ranges a tenth as wide give 5. The eval photos allow 2 per photo.
+# ranges give 0.04; ranges a tenth as wide give 1.4. The eval photos allow 2 per photo.
 BUILD_BOUND = 1.0
 
 
